@@ -1,0 +1,76 @@
+"""Alembic environment for the catalog: run by `xvr-node db upgrade` and by `alembic` itself."""
+
+from __future__ import annotations
+
+import os
+from logging.config import fileConfig
+
+from alembic import context
+
+from xvr_node.catalog.db import make_engine
+from xvr_node.catalog.models import Base
+
+URL_ENVIRONMENT_VARIABLE = "XVR_NODE__DATABASE__URL"
+
+config = context.config
+target_metadata = Base.metadata
+
+# Only the `alembic` command has an ini file; `xvr-node db upgrade` keeps its own logging.
+if config.config_file_name is not None:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+
+def database_url() -> str:
+    """The URL set by ``xvr_node.catalog.db.upgrade``, else the environment's (shell use)."""
+    url = config.get_main_option("sqlalchemy.url") or os.environ.get(URL_ENVIRONMENT_VARIABLE)
+    if not url:
+        raise RuntimeError(
+            f"no catalog URL: run `xvr-node db upgrade`, or set {URL_ENVIRONMENT_VARIABLE}"
+        )
+    return url
+
+
+def run_migrations_offline() -> None:
+    """Write the SQL to stdout (``alembic upgrade head --sql``)."""
+    url = database_url()
+    context.configure(
+        url=url,
+        target_metadata=target_metadata,
+        render_as_batch=url.startswith("sqlite"),
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = make_engine(database_url())
+    try:
+        with engine.connect() as connection:
+            is_sqlite = connection.dialect.name == "sqlite"
+            if is_sqlite:
+                # A batch migration drops and re-creates tables: with foreign keys enforced
+                # that would cascade into (or be refused by) the rows that refer to them.
+                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                connection.commit()
+            context.configure(
+                connection=connection,
+                target_metadata=target_metadata,
+                # SQLite cannot ALTER most things: batch mode rebuilds the table instead.
+                render_as_batch=is_sqlite,
+            )
+            with context.begin_transaction():
+                context.run_migrations()
+            if is_sqlite:
+                problems = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if problems:
+                    raise RuntimeError(f"migration left broken foreign keys: {problems[:5]}")
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

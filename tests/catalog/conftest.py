@@ -1,0 +1,109 @@
+"""Catalog fixtures: each test gets a fresh database on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, make_url
+from sqlalchemy.orm import Session
+
+from tests.support.postgres import running_postgres
+from xvr_node.catalog.db import make_engine, session_factory, upgrade
+from xvr_node.catalog.models import Patient, Series, SeriesState, Study
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """One throw-away PostgreSQL server for the whole session."""
+    with running_postgres() as url:
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@contextlib.contextmanager
+def new_postgres_database(server_url: str, template: str | None = None) -> Iterator[str]:
+    """A new database on the test server (a copy of ``template`` if given), dropped after."""
+    server = make_url(server_url)
+    name = f"catalog_{uuid.uuid4().hex[:12]}"
+    copy = f" TEMPLATE {template} STRATEGY FILE_COPY" if template else ""
+    admin = f"host={server.host} port={server.port} user={server.username} dbname=postgres"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}{copy}")
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres_template(postgres_url: str) -> Iterator[str]:
+    """Name of a database migrated once to head; copying it is faster than migrating."""
+    with new_postgres_database(postgres_url) as url:
+        upgrade(url)
+        yield make_url(url).database
+
+
+@pytest.fixture
+def empty_catalog_url(backend: str, request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """URL of an empty database (a new file, or a new PostgreSQL database) for one test."""
+    if backend == "sqlite":
+        # A directory that does not exist yet: make_engine must create it.
+        yield f"sqlite:///{tmp_path / 'var' / 'catalog.sqlite'}"
+        return
+    with new_postgres_database(request.getfixturevalue("postgres_url")) as url:
+        yield url
+
+
+@pytest.fixture
+def catalog_url(backend: str, request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """URL of a database at the head revision, for one test."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+        upgrade(url)
+        yield url
+        return
+    template = request.getfixturevalue("migrated_postgres_template")
+    with new_postgres_database(request.getfixturevalue("postgres_url"), template) as url:
+        yield url
+
+
+@pytest.fixture
+def engine(catalog_url: str) -> Iterator[Engine]:
+    engine = make_engine(catalog_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    with session_factory(engine)() as session:
+        yield session
+
+
+@pytest.fixture
+def ct_series(session: Session) -> Series:
+    """A committed patient with one CT study and series (no instances yet)."""
+    patient = Patient(patient_id="PHANTOM-001")
+    study = Study(patient=patient, study_instance_uid="1.2.826.0.1.3680043.10.1.1")
+    series = Series(
+        study=study,
+        series_instance_uid="1.2.826.0.1.3680043.10.1.1.1",
+        modality="CT",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        frame_of_reference_uid="1.2.826.0.1.3680043.10.1.1.9",
+        state=SeriesState.RECEIVING,
+    )
+    session.add(series)
+    session.commit()
+    return series

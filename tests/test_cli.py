@@ -1,0 +1,51 @@
+"""The command line: catalog commands and the demo's job, on small data."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from xvr_node import demo
+from xvr_node.catalog.db import head_revision
+from xvr_node.cli import cli
+from xvr_node.phantom import PhantomSpec
+
+
+def test_db_upgrade_creates_the_catalog_under_the_storage_root(tmp_path):
+    env = {"XVR_NODE__STORAGE__ROOT": str(tmp_path / "store")}
+    runner = CliRunner()
+    before = runner.invoke(cli, ["db", "current"], env=env)
+    assert before.exit_code == 0, before.output
+    assert "current: none" in before.output
+    result = runner.invoke(cli, ["db", "upgrade"], env=env)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "store" / "catalog.sqlite3").is_file()
+    after = runner.invoke(cli, ["db", "current"], env=env)
+    assert f"current: {head_revision()}; head: {head_revision()}" in after.output
+
+
+def test_bad_config_stops_db_upgrade_with_the_key_named(tmp_path):
+    result = CliRunner().invoke(cli, ["db", "upgrade"], env={"XVR_NODE__NODE__PORT": "70000"})
+    assert result.exit_code == 2
+    assert "node.port" in result.output
+
+
+def test_config_show_prints_effective_settings(tmp_path):
+    result = CliRunner().invoke(cli, ["config", "show"], env={"XVR_NODE__NODE__PORT": "11199"})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["node"]["port"] == 11199
+
+
+def test_demo_makes_the_phantom_and_the_catalog(tmp_path, monkeypatch):
+    small = PhantomSpec(seed=2, frames=1, columns=48, rows=40, multiframe=2, bead=True,
+                        ct_downsample=4)
+    monkeypatch.setattr(demo, "DEMO_PHANTOM", small)
+    monkeypatch.delenv("XVR_NODE__STORAGE__ROOT", raising=False)
+    result = CliRunner().invoke(cli, ["demo", "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    truth = json.loads((tmp_path / "out/phantom/truth.json").read_text())
+    assert len(truth["xrays"]) == 3
+    assert (tmp_path / "out/store/catalog.sqlite3").is_file()
+    assert f"schema revision {head_revision()}" in result.output
+    assert "CINE_001.dcm" in result.output  # the per-frame table

@@ -1,0 +1,5 @@
+"""Allow ``python -m xvr_node``."""
+
+from xvr_node.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The catalog: the node's database of patients, images, volumes, models, jobs and results."""

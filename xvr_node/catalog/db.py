@@ -1,0 +1,132 @@
+"""Engines, sessions and schema migrations (Alembic) for the catalog database."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+# The migrations live at the top of the repository (``alembic/``), beside this package.
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "alembic"
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    """The database file of a SQLite URL, or None for in-memory and URI-style databases."""
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file:") or url.query.get("uri"):
+        return None
+    return Path(database)
+
+
+def _set_sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+    # WAL lets readers work while the receiver writes; NORMAL is durable across a crash of
+    # the process in WAL mode; SQLite leaves foreign keys off unless asked, per connection.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine for a catalog URL (``sqlite:///...`` or ``postgresql+psycopg://...``).
+
+    SQLite gets its pragmas on every new connection and its directory created; PostgreSQL
+    connections are pinged before use so a restarted server does not fail the next job.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = _sqlite_file(parsed)
+        if path is not None:
+            path.expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        event.listen(engine, "connect", _set_sqlite_pragmas)
+        return engine
+    return create_engine(parsed, pool_pre_ping=True)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for the catalog; objects stay readable after commit (no expire_on_commit)."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def _alembic_config(url: str | None = None) -> Config:
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise FileNotFoundError(f"catalog migrations not found at {MIGRATIONS_DIR}")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("path_separator", "os")
+    if url is not None:
+        # ConfigParser interpolation: a percent-encoded password must survive it.
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate the catalog at ``url`` to ``revision`` (the newest by default)."""
+    command.upgrade(_alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    """Migrate the catalog at ``url`` back to ``revision`` (``base`` empties it)."""
+    command.downgrade(_alembic_config(url), revision)
+
+
+def current_revision(url: str) -> str | None:
+    """The catalog's schema revision; None when it has never been migrated."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def head_revision() -> str:
+    """The newest schema revision this version of xvr-node knows."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migrations in {MIGRATIONS_DIR}")
+    return head
+
+
+class SchemaOutdatedError(RuntimeError):
+    """The catalog's schema is not the one this version of xvr-node was written for."""
+
+
+def require_current_schema(url: str) -> None:
+    """Refuse to go on unless the catalog is at the head revision."""
+    current = current_revision(url)
+    head = head_revision()
+    if current == head:
+        return
+    if current is None:
+        raise SchemaOutdatedError(
+            f"the catalog database has no schema yet (this xvr-node needs revision {head}): "
+            "run `xvr-node db upgrade`"
+        )
+    scripts = ScriptDirectory.from_config(_alembic_config())
+    known = {script.revision for script in scripts.walk_revisions()}
+    if current not in known:
+        raise SchemaOutdatedError(
+            f"the catalog database is at revision {current}, which this xvr-node does not know "
+            f"(its newest is {head}): a newer xvr-node migrated it; run that version, or "
+            "downgrade the catalog with it before running `xvr-node db upgrade` here"
+        )
+    raise SchemaOutdatedError(
+        f"the catalog database is at revision {current}, this xvr-node needs {head}: "
+        "run `xvr-node db upgrade`"
+    )
