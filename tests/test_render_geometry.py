@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from xvr_node.ct_volume import CtVolume
 from xvr_node.geometry import CarmPose, Intrinsics, project
 from xvr_node.phantom import example_ct
-from xvr_node.xvr.renderer import CtVolume, make_drr, render_matrices
+from xvr_node.xvr.renderer import make_drr, render_matrices
 
 pytestmark = pytest.mark.slow
 

@@ -106,6 +106,74 @@ def db_current(state: CliState) -> None:
     click.echo(f"current: {current_revision(url) or 'none'}; head: {head_revision()}")
 
 
+# --- the node --------------------------------------------------------------------------------
+
+
+@cli.command("serve")
+@click.pass_obj
+def serve_command(state: CliState) -> None:
+    """Run the node: DICOM listener and scheduler, until SIGTERM."""
+    from xvr_node.catalog.db import SchemaOutdatedError
+    from xvr_node.log import configure_logging
+    from xvr_node.node import Node
+
+    settings = state.settings()
+    configure_logging(settings.logging)
+    try:
+        Node(settings).run_forever()
+    except SchemaOutdatedError as error:
+        click.echo(f"serve: {error}", err=True)
+        sys.exit(3)
+    except OSError as error:
+        click.echo(
+            f"serve: cannot listen on {settings.node.host}:{settings.node.port}: {error}", err=True
+        )
+        sys.exit(4)
+
+
+@cli.command("import")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.pass_obj
+def import_command(state: CliState, paths: tuple[Path, ...]) -> None:
+    """Import DICOM files, folders or DICOMDIRs through the same path as a C-STORE."""
+    from xvr_node.catalog.db import SchemaOutdatedError
+    from xvr_node.dicom.importer import import_paths
+    from xvr_node.log import configure_logging
+    from xvr_node.node import make_receiver
+
+    settings = state.settings()
+    configure_logging(settings.logging)
+    try:
+        receiver, _ = make_receiver(settings)
+    except SchemaOutdatedError as error:
+        click.echo(f"import: {error}", err=True)
+        sys.exit(3)
+    report = import_paths(receiver, paths)
+    for line in report.failures:
+        click.echo(f"failed: {line}", err=True)
+    click.echo(report.describe())
+    if report.failures:
+        sys.exit(1)
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status_command(state: CliState, as_json: bool) -> None:
+    """Per patient: CT series and volumes, X-rays, models and jobs; and totals."""
+    from xvr_node.catalog.db import make_engine, session_factory
+    from xvr_node.status import collect_status, format_status
+
+    settings = state.settings()
+    engine = make_engine(settings.database_url)
+    try:
+        with session_factory(engine)() as session:
+            report = collect_status(session)
+    finally:
+        engine.dispose()
+    click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
+
+
 # --- phantom and demo ----------------------------------------------------------------------
 
 

@@ -424,6 +424,20 @@ class Destination(Section):
     tls: bool = False
 
 
+class CarmProfileSettings(Section):
+    """Detector geometry of a device whose images lack SID or pixel spacing.
+
+    Empty manufacturer/model/station match any value. Used only for what an image and the
+    profile learned from the same device's earlier images both leave missing.
+    """
+
+    manufacturer: str = ""
+    model_name: str = ""
+    station_name: str = ""
+    sid_mm: Positive | None = None
+    pixel_spacing_mm: tuple[Positive, Positive] | None = None
+
+
 class LoggingSettings(Section):
     """Log level, line format and target (stderr when ``file`` is null)."""
 
@@ -455,6 +469,7 @@ class Settings(Section):
     destinations: Annotated[list[Destination], AfterValidator(_unique_names)] = Field(
         default_factory=list
     )
+    carm_profiles: list[CarmProfileSettings] = Field(default_factory=list)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @property

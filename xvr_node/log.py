@@ -38,8 +38,9 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "asctime",
     "taskName",
 }
-# Chatty libraries, held at WARNING even at DEBUG: their debug output can dump dataset values.
-_QUIET_LIBRARIES = ("pynetdicom", "pydicom")
+# Chatty libraries, held at WARNING even at DEBUG: pynetdicom's and pydicom's debug output can
+# dump dataset values; APScheduler logs every run of every job.
+_QUIET_LIBRARIES = ("pynetdicom", "pydicom", "apscheduler")
 
 
 def _is_name_key(key: str) -> bool:

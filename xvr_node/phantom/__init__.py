@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
+from xvr_node.ct_volume import CtVolume
 from xvr_node.geometry import CarmPose, Intrinsics, project, stored_column
 from xvr_node.phantom.ct import HU_MAX, HU_MIN, PatientInfo, write_ct_series
 from xvr_node.phantom.xray import (
@@ -18,7 +19,7 @@ from xvr_node.phantom.xray import (
     form_image,
     write_xray,
 )
-from xvr_node.xvr.renderer import CtVolume, make_drr, render_matrices
+from xvr_node.xvr.renderer import make_drr, render_matrices
 
 __all__ = ["PhantomSpec", "PhantomSummary", "build_phantom", "example_ct"]
 

@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
 from xvr_node import __version__
-from xvr_node.xvr.renderer import CtVolume
+from xvr_node.ct_volume import CtVolume
 
 HU_MIN = -1024
 #: Stored as signed 16-bit: the extended CT scale that shows metal (a bead) above 3071 HU.

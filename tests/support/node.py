@@ -1,0 +1,207 @@
+"""Run a real ``xvr-node serve`` process and real DCMTK clients against it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.tools import require_tool
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(
+    port: int, timeout: float = 60.0, process: subprocess.Popen | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"node exited with {process.returncode}: {process_output(process)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def process_output(process: subprocess.Popen) -> str:
+    try:
+        out, _ = process.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        return "(still running)"
+    return out or ""
+
+
+@dataclass
+class NodeProcess:
+    """A node started by a test: its port, store, catalog URL and process."""
+
+    root: Path
+    port: int
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.root / "node.log"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.store / 'catalog.sqlite3'}"
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "xvr_node", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
+
+    def start(self) -> None:
+        self.log_handle = open(self.log, "a")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "xvr_node", "serve"],
+            env=self.env,
+            stdout=self.log_handle,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        wait_for_port(self.port, process=self.process)
+
+    def kill(self) -> None:
+        """SIGKILL: what a power cut does to the process."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if hasattr(self, "log_handle"):
+            self.log_handle.close()
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+@contextmanager
+def running_node(root: Path, **overrides: str) -> Iterator[NodeProcess]:
+    """Upgrade a fresh catalog under ``root`` and serve on a free loopback port."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XVR_NODE")}
+    env.update(
+        {
+            "XVR_NODE__STORAGE__ROOT": str(root / "store"),
+            "XVR_NODE__NODE__PORT": str(port),
+            "XVR_NODE__NODE__HOST": "127.0.0.1",
+            "XVR_NODE__SCHEDULER__POLL_INTERVAL_S": "0.5",
+            "XVR_NODE__STORAGE__MIN_FREE_BYTES": "0",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update({f"XVR_NODE__{key.upper()}": value for key, value in overrides.items()})
+    node = NodeProcess(root, port, env)
+    node.cli("db", "upgrade")
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+# --- DCMTK -----------------------------------------------------------------------------
+
+
+def dcmtk(tool: str) -> str:
+    """A DCMTK tool by full path (pynetdicom installs same-named scripts into the venv)."""
+    return require_tool(tool, f"/usr/bin/{tool}", f"/usr/local/bin/{tool}")
+
+
+def dcmtk_env() -> dict[str, str]:
+    # Without TCP_NODELAY, DCMTK waits on Nagle's algorithm (~20 instances/s).
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def echoscu(
+    port: int, calling: str = "CARM1", called: str = "XVRNODE", extra: Sequence[str] = ()
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [dcmtk("echoscu"), "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        env=dcmtk_env(),
+        timeout=60,
+        check=False,
+    )
+
+
+def storescu(
+    port: int,
+    files: Sequence[Path],
+    calling: str = "CARM1",
+    called: str = "XVRNODE",
+    extra: Sequence[str] = (),
+) -> subprocess.CompletedProcess:
+    """Send files in one association, verbosely, so acknowledgements can be read back."""
+    return subprocess.run(
+        [
+            dcmtk("storescu"),
+            "-v",
+            "-aet",
+            calling,
+            "-aec",
+            called,
+            *extra,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        env=dcmtk_env(),
+        timeout=300,
+        check=False,
+    )
+
+
+_SENDING = re.compile(r"Sending file: (.+)$")
+_RESPONSE = re.compile(r"Received Store Response(?: \(([^)]*)\))?")
+
+
+def acknowledged_files(output: str) -> list[Path]:
+    """Files for which storescu's verbose log shows a Success store response."""
+    acknowledged, current = [], None
+    for line in output.splitlines():
+        if match := _SENDING.search(line):
+            current = Path(match.group(1).strip())
+        elif (match := _RESPONSE.search(line)) and current is not None:
+            if (match.group(1) or "").startswith("Success"):
+                acknowledged.append(current)
+            current = None
+    return acknowledged

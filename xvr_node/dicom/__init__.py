@@ -1,0 +1,1 @@
+"""DICOM objects the node reads and writes, and its network services."""

@@ -1,0 +1,511 @@
+"""Receiving one instance: validate, store durably, catalogue, then answer with a DICOM status.
+
+The SCP's C-STORE handler and ``xvr-node import`` both call :meth:`Receiver.receive`, so a
+file imported from disk goes through exactly the code a C-arm's C-STORE does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from xvr_node.catalog.models import (
+    CarmProfile,
+    IngestEvent,
+    IngestEventKind,
+    Instance,
+    Patient,
+    ProfileSource,
+    Series,
+    SeriesState,
+    Study,
+    Usability,
+    Volume,
+    VolumeState,
+    utcnow,
+)
+from xvr_node.dicom.storage import FileStore, StorageFullError, is_valid_uid
+from xvr_node.dicom.xray_geometry import (
+    XRAY_SOP_CLASSES,
+    XrayGeometry,
+    XrayGeometryError,
+    read_xray_geometry,
+)
+
+LOG = logging.getLogger(__name__)
+
+# DICOM statuses of a C-STORE (PS3.4 Table B.2-1); their meanings live here, in one place.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+CT_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT",
+}
+#: Every SOP class the node stores; others are refused at association negotiation.
+STORAGE_SOP_CLASSES = {**CT_SOP_CLASSES, **XRAY_SOP_CLASSES}
+
+
+@dataclass(frozen=True)
+class CarmFallback:
+    """A configured detector geometry for a device whose images lack SID or pixel spacing."""
+
+    manufacturer: str
+    model_name: str
+    station_name: str
+    sid_mm: float | None
+    pixel_spacing_mm: tuple[float, float] | None
+
+    def matches(self, geometry: XrayGeometry) -> bool:
+        wanted = (self.manufacturer, self.model_name, self.station_name)
+        have = (geometry.manufacturer, geometry.model_name, geometry.station_name)
+        return all(w in ("", h) for w, h in zip(wanted, have, strict=True))
+
+
+@dataclass(frozen=True)
+class ReceiveOutcome:
+    """The status to answer with, and what happened (for logs, import and tests)."""
+
+    status: int
+    reason: str = ""
+    instance_id: int | None = None
+    duplicate: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESS
+
+
+class RefusedError(Exception):
+    """An instance we answer with a failure status; nothing of it is kept."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Receiver:
+    """Validate → store (fsync, rename) → catalogue (commit) → only then Success."""
+
+    def __init__(
+        self,
+        store: FileStore,
+        sessions: sessionmaker[Session],
+        max_pixel_bytes: int,
+        fallbacks: list[CarmFallback] | None = None,
+        on_stored: Callable[[int], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.max_pixel_bytes = max_pixel_bytes
+        self.fallbacks = fallbacks or []
+        self.on_stored = on_stored
+        # SQLite has one writer: serialise our catalogue transactions instead of letting
+        # concurrent associations fail on a busy database.
+        dialect = sessions.kw["bind"].dialect.name
+        self._catalog_lock = threading.Lock() if dialect == "sqlite" else _NoLock()
+
+    def receive(
+        self,
+        part10: bytes,
+        calling_ae: str | None,
+        peer: str | None = None,
+        context_sop_class: str | None = None,
+    ) -> ReceiveOutcome:
+        """Handle one encoded instance (DICOM file format bytes); never raises."""
+        try:
+            ds = self._parse(part10)
+            self._validate(ds, context_sop_class)
+            return self._store_and_catalog(ds, part10, calling_ae)
+        except RefusedError as refused:
+            sop_uid = _safe_sop_uid(part10)
+            LOG.warning(
+                "store refused",
+                extra={
+                    "event": "store_failed",
+                    "calling_ae": calling_ae,
+                    "status": f"0x{refused.status:04X}",
+                    "sop": sop_uid,
+                    "reason": refused.reason,
+                },
+            )
+            self.record_event(
+                IngestEventKind.STORE_FAILED,
+                calling_ae,
+                peer,
+                refused.status,
+                sop_uid,
+                refused.reason,
+            )
+            return ReceiveOutcome(refused.status, refused.reason)
+        except Exception as error:  # the node never dies on one instance
+            LOG.exception("store failed", extra={"event": "store_failed", "calling_ae": calling_ae})
+            reason = f"internal error: {type(error).__name__}: {error}"
+            self.record_event(
+                IngestEventKind.STORE_FAILED,
+                calling_ae,
+                peer,
+                OUT_OF_RESOURCES,
+                _safe_sop_uid(part10),
+                reason,
+            )
+            return ReceiveOutcome(OUT_OF_RESOURCES, reason)
+
+    # --- steps ---------------------------------------------------------------------------
+
+    def _parse(self, part10: bytes) -> pydicom.Dataset:
+        try:
+            ds = pydicom.dcmread(BytesIO(part10), defer_size=4096)
+            # Touch every top-level element so that a truncated stream shows now.
+            for element in ds.iterall():
+                _ = element.VR
+        except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, TypeError) as error:
+            raise RefusedError(CANNOT_UNDERSTAND, f"cannot parse the data set: {error}") from error
+        pixel = ds.get_item("PixelData") if "PixelData" in ds else None
+        if pixel is not None:
+            length = getattr(pixel, "length", None)
+            if length is None:
+                length = len(ds.PixelData or b"")
+            if length != 0xFFFFFFFF and length > self.max_pixel_bytes:
+                raise RefusedError(
+                    OUT_OF_RESOURCES,
+                    f"pixel data of {length} bytes exceeds the limit of {self.max_pixel_bytes}",
+                )
+            if length != 0xFFFFFFFF and _declared_end_exceeds(part10, length):
+                raise RefusedError(CANNOT_UNDERSTAND, "pixel data is truncated")
+        return ds
+
+    def _validate(self, ds: pydicom.Dataset, context_sop_class: str | None) -> None:
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if sop_class not in STORAGE_SOP_CLASSES:
+            raise RefusedError(
+                DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                f"SOP Class {sop_class or '(missing)'} is not stored here",
+            )
+        if context_sop_class and sop_class != context_sop_class:
+            raise RefusedError(
+                DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                f"data set is {STORAGE_SOP_CLASSES[sop_class]} ({sop_class}) but was sent on a "
+                f"{STORAGE_SOP_CLASSES.get(context_sop_class, context_sop_class)} context",
+            )
+        for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = str(ds.get(keyword, ""))
+            if not is_valid_uid(value):
+                raise RefusedError(
+                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    f"{keyword} {value!r} is missing or not a valid UID",
+                )
+        if "PixelData" not in ds and "FloatPixelData" not in ds:
+            raise RefusedError(DATASET_DOES_NOT_MATCH_SOP_CLASS, "image has no Pixel Data")
+
+    def _store_and_catalog(
+        self, ds: pydicom.Dataset, part10: bytes, calling_ae: str | None
+    ) -> ReceiveOutcome:
+        sop_uid = str(ds.SOPInstanceUID)
+        usability, reason, geometry = self._usability(ds)
+        with self._catalog_lock, self.sessions() as session:
+            existing = session.scalars(
+                select(Instance)
+                .where(Instance.sop_instance_uid == sop_uid)
+                .order_by(Instance.version)
+            ).all()
+            digest = _sha256(part10)
+            for instance in existing:
+                if instance.sha256 == digest:
+                    return ReceiveOutcome(
+                        SUCCESS, "duplicate of a stored instance", instance.id, duplicate=True
+                    )
+            version = (existing[-1].version + 1) if existing else 1
+            relative = self.store.instance_path(
+                str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop_uid, version
+            )
+            try:
+                stored = self.store.write(relative, part10)
+            except StorageFullError as error:
+                raise RefusedError(OUT_OF_RESOURCES, f"cannot store: {error.strerror}") from error
+            if version > 1:
+                LOG.warning(
+                    "new version of an instance",
+                    extra={
+                        "event": "store_new_version",
+                        "sop": sop_uid,
+                        "version": version,
+                        "calling_ae": calling_ae,
+                    },
+                )
+            series = self._series_for(session, ds)
+            if geometry is not None and geometry.usable() and usability != Usability.UNUSABLE:
+                self._learn_profile(session, geometry)
+            linked_volume = None
+            if usability == Usability.WAITING:
+                linked_volume = newest_usable_volume(session, series.study.patient_id)
+                if linked_volume is not None:
+                    usability, reason = Usability.USABLE, None
+            instance = Instance(
+                series=series,
+                sop_instance_uid=sop_uid,
+                sop_class_uid=str(ds.SOPClassUID),
+                version=version,
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                path=str(stored.path),
+                size_bytes=stored.size_bytes,
+                sha256=stored.sha256,
+                number_of_frames=int(ds.get("NumberOfFrames", 1) or 1),
+                calling_ae=calling_ae,
+                geometry=None if geometry is None else geometry.to_json(),
+                usability=usability,
+                unusable_reason=reason,
+                linked_volume=linked_volume,
+            )
+            session.add(instance)
+            series.instance_count += 1
+            series.last_received_at = utcnow()
+            if series.state in (SeriesState.STABLE, SeriesState.ASSEMBLED, SeriesState.FAILED):
+                series.state = SeriesState.RECEIVING  # more slices: assemble again later
+            try:
+                session.commit()
+            except IntegrityError as error:  # the same instance raced in on another association
+                session.rollback()
+                raise RefusedError(
+                    OUT_OF_RESOURCES, "concurrent store of the same instance; please resend"
+                ) from error
+            instance_id = instance.id
+        LOG.info(
+            "stored",
+            extra={
+                "event": "store_ok",
+                "sop": sop_uid,
+                "calling_ae": calling_ae,
+                "usability": str(usability),
+            },
+        )
+        if self.on_stored is not None:
+            self.on_stored(instance_id)
+        return ReceiveOutcome(SUCCESS, "", instance_id)
+
+    def _usability(self, ds: pydicom.Dataset) -> tuple[str, str | None, XrayGeometry | None]:
+        """Whether an X-ray can be registered (and why not); CT slices are not X-rays."""
+        if str(ds.SOPClassUID) not in XRAY_SOP_CLASSES:
+            return Usability.NOT_XRAY, None, None
+        if not str(ds.get("PatientID", "")).strip():
+            return Usability.UNUSABLE, "Patient ID is empty: cannot find the patient's CT", None
+        try:
+            geometry = read_xray_geometry(ds)
+        except XrayGeometryError as error:
+            return Usability.UNUSABLE, f"inconsistent geometry: {error}", None
+        if not geometry.usable():
+            geometry = self._fill_from_profiles(geometry)
+        missing = geometry.missing()
+        if missing:
+            return (
+                Usability.UNUSABLE,
+                "missing geometry and no C-arm profile for this device: " + ", ".join(missing),
+                geometry,
+            )
+        return Usability.WAITING, "waiting for a CT volume of this patient", geometry
+
+    def _fill_from_profiles(self, geometry: XrayGeometry) -> XrayGeometry:
+        manufacturer, model, station, rows, columns = geometry.device_key()
+        with self.sessions() as session:
+            learned = session.scalars(
+                select(CarmProfile).where(
+                    CarmProfile.manufacturer == manufacturer,
+                    CarmProfile.model_name == model,
+                    CarmProfile.station_name == station,
+                    CarmProfile.detector_rows == rows,
+                    CarmProfile.detector_columns == columns,
+                    CarmProfile.source == ProfileSource.LEARNED,
+                )
+            ).first()
+        if learned is not None:
+            spacing = None
+            if learned.pixel_spacing_row_mm and learned.pixel_spacing_col_mm:
+                spacing = (learned.pixel_spacing_row_mm, learned.pixel_spacing_col_mm)
+            geometry = geometry.with_profile(learned.sid_mm, spacing, "profile")
+        for fallback in self.fallbacks:
+            if geometry.usable():
+                break
+            if fallback.matches(geometry):
+                geometry = geometry.with_profile(
+                    fallback.sid_mm, fallback.pixel_spacing_mm, "config"
+                )
+        return geometry
+
+    def _learn_profile(self, session: Session, geometry: XrayGeometry) -> None:
+        """Remember a device's detector geometry from an image that states it in full."""
+        stated = geometry.sid_source == "DistanceSourceToDetector" and (
+            geometry.pixel_spacing_source in ("ImagerPixelSpacing", "PixelSpacing")
+        )
+        if not stated:
+            return
+        manufacturer, model, station, rows, columns = geometry.device_key()
+        profile = session.scalars(
+            select(CarmProfile).where(
+                CarmProfile.manufacturer == manufacturer,
+                CarmProfile.model_name == model,
+                CarmProfile.station_name == station,
+                CarmProfile.detector_rows == rows,
+                CarmProfile.detector_columns == columns,
+            )
+        ).first()
+        if profile is None:
+            profile = CarmProfile(
+                manufacturer=manufacturer,
+                model_name=model,
+                station_name=station,
+                detector_rows=rows,
+                detector_columns=columns,
+                source=ProfileSource.LEARNED,
+            )
+            session.add(profile)
+        profile.sid_mm = geometry.sid_mm
+        profile.pixel_spacing_row_mm, profile.pixel_spacing_col_mm = geometry.pixel_spacing_mm
+        profile.source = ProfileSource.LEARNED
+        profile.updated_at = utcnow()
+
+    def _series_for(self, session: Session, ds: pydicom.Dataset) -> Series:
+        patient_key = (
+            str(ds.get("PatientID", "")).strip(),
+            str(ds.get("IssuerOfPatientID", "")).strip(),
+        )
+        patient = session.scalars(
+            select(Patient).where(
+                Patient.patient_id == patient_key[0], Patient.issuer_of_patient_id == patient_key[1]
+            )
+        ).first()
+        if patient is None:
+            patient = Patient(patient_id=patient_key[0], issuer_of_patient_id=patient_key[1])
+            session.add(patient)
+        study_uid = str(ds.StudyInstanceUID)
+        study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
+        if study is None:
+            study = Study(
+                patient=patient,
+                study_instance_uid=study_uid,
+                study_date=str(ds.get("StudyDate", "") or "") or None,
+                accession=str(ds.get("AccessionNumber", "") or "") or None,
+            )
+            session.add(study)
+        series_uid = str(ds.SeriesInstanceUID)
+        series = session.scalars(
+            select(Series).where(Series.series_instance_uid == series_uid)
+        ).first()
+        if series is None:
+            is_xray = str(ds.SOPClassUID) in XRAY_SOP_CLASSES
+            series = Series(
+                study=study,
+                series_instance_uid=series_uid,
+                modality=str(ds.get("Modality", "") or "OT"),
+                sop_class_uid=str(ds.SOPClassUID),
+                frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or "") or None,
+                body_part=str(ds.get("BodyPartExamined", "") or "") or None,
+                manufacturer=str(ds.get("Manufacturer", "") or "") or None,
+                model_name=str(ds.get("ManufacturerModelName", "") or "") or None,
+                station_name=str(ds.get("StationName", "") or "") or None,
+                state=SeriesState.XRAY if is_xray else SeriesState.RECEIVING,
+                instance_count=0,
+            )
+            session.add(series)
+        return series
+
+    def record_event(
+        self,
+        kind: str,
+        calling_ae: str | None,
+        peer: str | None,
+        status: int | None,
+        sop_uid: str | None,
+        reason: str,
+    ) -> None:
+        """Leave a catalogue record of a refusal; a broken catalogue only costs the record."""
+        try:
+            with self._catalog_lock, self.sessions() as session:
+                session.add(
+                    IngestEvent(
+                        event=kind,
+                        calling_ae=(calling_ae or "")[:16] or None,
+                        peer_address=peer,
+                        status_code=status,
+                        sop_instance_uid=sop_uid,
+                        reason=reason,
+                    )
+                )
+                session.commit()
+        except Exception:
+            LOG.exception("could not record an ingest event", extra={"event": "record_failed"})
+
+
+def newest_usable_volume(session: Session, patient_id: int) -> Volume | None:
+    """The CT volume an X-ray of this patient is registered to: the newest usable one."""
+    return session.scalars(
+        select(Volume)
+        .where(Volume.patient_id == patient_id, Volume.state == VolumeState.USABLE)
+        .order_by(Volume.created_at.desc(), Volume.id.desc())
+    ).first()
+
+
+def link_waiting_xrays(session: Session, patient_id: int, volume: Volume) -> int:
+    """Link a patient's waiting X-rays to a volume that just became usable."""
+    waiting = session.scalars(
+        select(Instance)
+        .join(Series)
+        .join(Study)
+        .where(Study.patient_id == patient_id, Instance.usability == Usability.WAITING)
+    ).all()
+    for instance in waiting:
+        instance.usability = Usability.USABLE
+        instance.unusable_reason = None
+        instance.linked_volume = volume
+    return len(waiting)
+
+
+def count_instances(session: Session) -> int:
+    return session.scalar(select(func.count(Instance.id))) or 0
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _safe_sop_uid(part10: bytes) -> str | None:
+    """The SOP Instance UID for a record, if one can be read at all (and is safe to keep)."""
+    try:
+        ds = pydicom.dcmread(
+            BytesIO(part10), stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
+        )
+        value = str(ds.get("SOPInstanceUID", ""))
+    except Exception:
+        return None
+    return value[:64] if value else None
+
+
+def _declared_end_exceeds(part10: bytes, pixel_length: int) -> bool:
+    """Whether the Pixel Data element claims more bytes than the stream holds."""
+    marker = part10.rfind(b"\xe0\x7f\x10\x00")
+    if marker < 0:
+        return False
+    # Explicit VR: tag(4) VR(2) reserved(2) length(4); implicit VR: tag(4) length(4).
+    header = 12 if part10[marker + 4 : marker + 6] in (b"OB", b"OW") else 8
+    return marker + header + pixel_length > len(part10)

@@ -1,0 +1,1 @@
+"""Turning catalog rows into work: queueing jobs and running them."""

@@ -1,0 +1,116 @@
+"""``xvr-node status``: where every patient stands, from the catalog alone."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from xvr_node.catalog.models import (
+    Instance,
+    Job,
+    Patient,
+    PoseModel,
+    Series,
+    Study,
+    Usability,
+    Volume,
+)
+from xvr_node.dicom.receive import CT_SOP_CLASSES
+
+
+def collect_status(session: Session) -> dict:
+    """Per patient: CT series and volumes, X-rays by usability (with reasons), models, jobs."""
+    patients = []
+    for patient in session.scalars(select(Patient).order_by(Patient.id)):
+        series_rows = session.scalars(
+            select(Series).join(Study).where(Study.patient_id == patient.id).order_by(Series.id)
+        ).all()
+        ct_series = [
+            {
+                "series_instance_uid": s.series_instance_uid,
+                "instances": s.instance_count,
+                "state": s.state,
+            }
+            for s in series_rows
+            if s.sop_class_uid in CT_SOP_CLASSES
+        ]
+        volumes = [
+            {"id": v.id, "state": v.state, "shape": v.shape, "reason": v.refusal_reason}
+            for v in session.scalars(
+                select(Volume).where(Volume.patient_id == patient.id).order_by(Volume.id)
+            )
+        ]
+        xrays = session.scalars(
+            select(Instance)
+            .join(Series)
+            .join(Study)
+            .where(Study.patient_id == patient.id, Instance.usability != Usability.NOT_XRAY)
+        ).all()
+        counts = Counter(x.usability for x in xrays)
+        unusable = [
+            {"sop_instance_uid": x.sop_instance_uid, "reason": x.unusable_reason}
+            for x in xrays
+            if x.usability == Usability.UNUSABLE
+        ]
+        models = [
+            {"id": m.id, "version": m.version, "state": m.state}
+            for m in session.scalars(select(PoseModel).where(PoseModel.patient_id == patient.id))
+        ]
+        patients.append(
+            {
+                "patient_id": patient.patient_id,
+                "issuer": patient.issuer_of_patient_id,
+                "ct_series": ct_series,
+                "volumes": volumes,
+                "xrays": {
+                    "usable": counts.get(Usability.USABLE, 0),
+                    "waiting": counts.get(Usability.WAITING, 0),
+                    "unusable": counts.get(Usability.UNUSABLE, 0),
+                    "unusable_reasons": unusable,
+                },
+                "models": models,
+            }
+        )
+    jobs = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+    totals = {
+        "patients": len(patients),
+        "instances": session.scalar(select(func.count(Instance.id))) or 0,
+        "volumes": session.scalar(select(func.count(Volume.id))) or 0,
+        "jobs": jobs,
+    }
+    return {"patients": patients, "totals": totals}
+
+
+def format_status(report: dict) -> str:
+    """The report as lines a person reads at a terminal (no patient names exist to show)."""
+    lines = []
+    for patient in report["patients"]:
+        issuer = f" ({patient['issuer']})" if patient["issuer"] else ""
+        lines.append(f"patient {patient['patient_id'] or '(no Patient ID)'}{issuer}")
+        for series in patient["ct_series"]:
+            lines.append(
+                f"  CT series {series['series_instance_uid']}: "
+                f"{series['instances']} instances, {series['state']}"
+            )
+        for volume in patient["volumes"]:
+            detail = "x".join(map(str, volume["shape"])) if volume["shape"] else volume["reason"]
+            lines.append(f"  volume {volume['id']}: {volume['state']} ({detail})")
+        xrays = patient["xrays"]
+        lines.append(
+            f"  X-rays: {xrays['usable']} usable, {xrays['waiting']} waiting, "
+            f"{xrays['unusable']} unusable"
+        )
+        for item in xrays["unusable_reasons"]:
+            lines.append(f"    {item['sop_instance_uid']}: {item['reason']}")
+        if patient["models"]:
+            models = ", ".join(f"v{m['version']} {m['state']}" for m in patient["models"])
+            lines.append(f"  models: {models}")
+    totals = report["totals"]
+    jobs = ", ".join(f"{count} {status}" for status, count in sorted(totals["jobs"].items()))
+    lines.append(
+        f"total: {totals['patients']} patient(s), {totals['instances']} instance(s), "
+        f"{totals['volumes']} volume(s); jobs: {jobs or 'none'}"
+    )
+    return "\n".join(lines)
