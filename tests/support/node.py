@@ -23,29 +23,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(
-    port: int, timeout: float = 60.0, process: subprocess.Popen | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"node exited with {process.returncode}: {process_output(process)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
-
-
-def process_output(process: subprocess.Popen) -> str:
-    try:
-        out, _ = process.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        return "(still running)"
-    return out or ""
-
-
 @dataclass
 class NodeProcess:
     """A node started by a test: its port, store, catalog URL and process."""
@@ -78,6 +55,7 @@ class NodeProcess:
         )
 
     def start(self) -> None:
+        self._log_start = len(self.log_text())
         self.log_handle = open(self.log, "a")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "xvr_node", "serve"],
@@ -86,7 +64,16 @@ class NodeProcess:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        wait_for_port(self.port, process=self.process)
+        # Wait for the node's own word: a probing TCP connection would count as an association.
+        deadline = time.monotonic() + 60
+        while "event=listening" not in self.log_text()[self._log_start :]:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"node exited with {self.process.returncode}:\n{self.log_text()}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node did not start listening:\n{self.log_text()}")
+            time.sleep(0.05)
 
     def kill(self) -> None:
         """SIGKILL: what a power cut does to the process."""

@@ -168,24 +168,53 @@ class Receiver:
     def _parse(self, part10: bytes) -> pydicom.Dataset:
         try:
             ds = pydicom.dcmread(BytesIO(part10), defer_size=4096)
-            # Touch every top-level element so that a truncated stream shows now.
-            for element in ds.iterall():
-                _ = element.VR
         except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, TypeError) as error:
             raise RefusedError(CANNOT_UNDERSTAND, f"cannot parse the data set: {error}") from error
-        pixel = ds.get_item("PixelData") if "PixelData" in ds else None
-        if pixel is not None:
-            length = getattr(pixel, "length", None)
-            if length is None:
-                length = len(ds.PixelData or b"")
-            if length != 0xFFFFFFFF and length > self.max_pixel_bytes:
-                raise RefusedError(
-                    OUT_OF_RESOURCES,
-                    f"pixel data of {length} bytes exceeds the limit of {self.max_pixel_bytes}",
-                )
-            if length != 0xFFFFFFFF and _declared_end_exceeds(part10, length):
-                raise RefusedError(CANNOT_UNDERSTAND, "pixel data is truncated")
+        self._check_pixel_data(ds, len(part10))
+        try:
+            # Decode every element now, so that a malformed one is refused, not stored.
+            for element in ds.iterall():
+                _ = element.value
+        except Exception as error:
+            raise RefusedError(CANNOT_UNDERSTAND, f"cannot decode the data set: {error}") from error
+        if "SOPClassUID" not in ds:
+            raise RefusedError(CANNOT_UNDERSTAND, "no SOP Class UID: not a DICOM composite object")
         return ds
+
+    def _check_pixel_data(self, ds: pydicom.Dataset, stream_length: int) -> None:
+        """Refuse pixel data over the limit or cut short, before reading it into memory."""
+        if "PixelData" not in ds:
+            return
+        raw = ds.get_item("PixelData", keep_deferred=True)  # declared length, not read yet
+        length = getattr(raw, "length", None)
+        offset = getattr(raw, "value_tell", None)
+        if length is None or length == 0xFFFFFFFF:  # encapsulated (compressed): no length
+            return
+        if length > self.max_pixel_bytes:
+            raise RefusedError(
+                OUT_OF_RESOURCES,
+                f"pixel data of {length} bytes exceeds the limit of {self.max_pixel_bytes}",
+            )
+        if offset is not None and offset + length > stream_length:
+            raise RefusedError(
+                CANNOT_UNDERSTAND,
+                f"pixel data is truncated: {length} bytes "
+                f"declared, {stream_length - offset} received",
+            )
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        needed = (
+            int(ds.get("Rows", 0))
+            * int(ds.get("Columns", 0))
+            * int(ds.get("SamplesPerPixel", 1))
+            * int(ds.get("BitsAllocated", 16))
+            // 8
+            * frames
+        )
+        if length < needed:
+            raise RefusedError(
+                CANNOT_UNDERSTAND,
+                f"pixel data holds {length} bytes but Rows, Columns and frames need {needed}",
+            )
 
     def _validate(self, ds: pydicom.Dataset, context_sop_class: str | None) -> None:
         sop_class = str(ds.get("SOPClassUID", ""))
@@ -499,13 +528,3 @@ def _safe_sop_uid(part10: bytes) -> str | None:
     except Exception:
         return None
     return value[:64] if value else None
-
-
-def _declared_end_exceeds(part10: bytes, pixel_length: int) -> bool:
-    """Whether the Pixel Data element claims more bytes than the stream holds."""
-    marker = part10.rfind(b"\xe0\x7f\x10\x00")
-    if marker < 0:
-        return False
-    # Explicit VR: tag(4) VR(2) reserved(2) length(4); implicit VR: tag(4) length(4).
-    header = 12 if part10[marker + 4 : marker + 6] in (b"OB", b"OW") else 8
-    return marker + header + pixel_length > len(part10)

@@ -604,7 +604,7 @@ def _decode(ds: Dataset, label: str, s: _Slice) -> np.ndarray:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = f" ({syntax.name})" if syntax is not None else ""
         raise VolumeRefusedError(
-            f"the pixel data of {label}{name} cannot be decoded: {exc}"
+            f"the pixel data of {label}{name} cannot be decoded: {' '.join(str(exc).split())}"
         ) from exc
     frames = _frame_count(ds)
     if pixels.ndim == 2:
