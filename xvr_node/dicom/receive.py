@@ -6,6 +6,7 @@ file imported from disk goes through exactly the code a C-arm's C-STORE does.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from io import BytesIO
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,7 +34,7 @@ from xvr_node.catalog.models import (
     VolumeState,
     utcnow,
 )
-from xvr_node.dicom.storage import FileStore, StorageFullError, is_valid_uid
+from xvr_node.dicom.storage import FileStore, StorageFullError, StoredFile, is_valid_uid
 from xvr_node.dicom.xray_geometry import (
     XRAY_SOP_CLASSES,
     XrayGeometry,
@@ -48,6 +49,9 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+
+#: A series that receives a new instance in one of these states is receiving again.
+_REOPENED_STATES = (SeriesState.STABLE.value, SeriesState.ASSEMBLED.value, SeriesState.FAILED.value)
 
 CT_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2": "CT",
@@ -116,6 +120,8 @@ class Receiver:
         # concurrent associations fail on a busy database.
         dialect = sessions.kw["bind"].dialect.name
         self._catalog_lock = threading.Lock() if dialect == "sqlite" else _NoLock()
+        self._series_ids: dict[str, tuple[int, int]] = {}
+        self._learned: dict[tuple, tuple] = {}
 
     def receive(
         self,
@@ -243,74 +249,48 @@ class Receiver:
         self, ds: pydicom.Dataset, part10: bytes, calling_ae: str | None
     ) -> ReceiveOutcome:
         sop_uid = str(ds.SOPInstanceUID)
-        usability, reason, geometry = self._usability(ds)
-        with self._catalog_lock, self.sessions() as session:
-            existing = session.scalars(
-                select(Instance)
-                .where(Instance.sop_instance_uid == sop_uid)
-                .order_by(Instance.version)
-            ).all()
-            digest = _sha256(part10)
-            for instance in existing:
-                if instance.sha256 == digest:
-                    return ReceiveOutcome(
-                        SUCCESS, "duplicate of a stored instance", instance.id, duplicate=True
-                    )
-            version = (existing[-1].version + 1) if existing else 1
-            relative = self.store.instance_path(
-                str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop_uid, version
-            )
-            try:
-                stored = self.store.write(relative, part10)
-            except StorageFullError as error:
-                raise RefusedError(OUT_OF_RESOURCES, f"cannot store: {error.strerror}") from error
-            if version > 1:
-                LOG.warning(
-                    "new version of an instance",
-                    extra={
-                        "event": "store_new_version",
-                        "sop": sop_uid,
-                        "version": version,
-                        "calling_ae": calling_ae,
-                    },
+        digest = hashlib.sha256(part10).hexdigest()
+        with self.sessions() as session:  # a read: no writer lock needed (WAL / MVCC)
+            existing = session.execute(
+                select(Instance.id, Instance.version, Instance.sha256).where(
+                    Instance.sop_instance_uid == sop_uid
                 )
-            series = self._series_for(session, ds)
-            if geometry is not None and geometry.usable() and usability != Usability.UNUSABLE:
-                self._learn_profile(session, geometry)
-            linked_volume = None
-            if usability == Usability.WAITING:
-                linked_volume = newest_usable_volume(session, series.study.patient_id)
-                if linked_volume is not None:
-                    usability, reason = Usability.USABLE, None
-            instance = Instance(
-                series=series,
-                sop_instance_uid=sop_uid,
-                sop_class_uid=str(ds.SOPClassUID),
-                version=version,
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                path=str(stored.path),
-                size_bytes=stored.size_bytes,
-                sha256=stored.sha256,
-                number_of_frames=int(ds.get("NumberOfFrames", 1) or 1),
-                calling_ae=calling_ae,
-                geometry=None if geometry is None else geometry.to_json(),
-                usability=usability,
-                unusable_reason=reason,
-                linked_volume=linked_volume,
+            ).all()
+        for row in existing:
+            if row.sha256 == digest:
+                return ReceiveOutcome(SUCCESS, "duplicate of a stored instance", row.id, True)
+        version = max((row.version for row in existing), default=0) + 1
+        usability, reason, geometry = self._usability(ds)
+        relative = self.store.instance_path(
+            str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop_uid, version
+        )
+        # The durable write happens outside the writer lock, so concurrent associations
+        # overlap their fsyncs; the catalogue commit that follows is short.
+        try:
+            stored = self.store.write(relative, part10, sha256=digest)
+        except StorageFullError as error:
+            raise RefusedError(OUT_OF_RESOURCES, f"cannot store: {error.strerror}") from error
+        if version > 1:
+            LOG.warning(
+                "new version of an instance",
+                extra={
+                    "event": "store_new_version",
+                    "sop": sop_uid,
+                    "version": version,
+                    "calling_ae": calling_ae,
+                },
             )
-            session.add(instance)
-            series.instance_count += 1
-            series.last_received_at = utcnow()
-            if series.state in (SeriesState.STABLE, SeriesState.ASSEMBLED, SeriesState.FAILED):
-                series.state = SeriesState.RECEIVING  # more slices: assemble again later
+        with self._catalog_lock, self.sessions() as session:
             try:
-                session.commit()
-            except IntegrityError as error:  # the same instance raced in on another association
+                instance_id = self._catalogue(
+                    session, ds, stored, version, calling_ae, usability, reason, geometry
+                )
+            except IntegrityError as error:  # a race on the same instance, or a stale cache
                 session.rollback()
+                self._series_ids.clear()
                 raise RefusedError(
                     OUT_OF_RESOURCES, "concurrent store of the same instance; please resend"
                 ) from error
-            instance_id = instance.id
         LOG.info(
             "stored",
             extra={
@@ -323,6 +303,71 @@ class Receiver:
         if self.on_stored is not None:
             self.on_stored(instance_id)
         return ReceiveOutcome(SUCCESS, "", instance_id)
+
+    def _catalogue(
+        self,
+        session: Session,
+        ds: pydicom.Dataset,
+        stored: StoredFile,
+        version: int,
+        calling_ae: str | None,
+        usability: str,
+        reason: str | None,
+        geometry: XrayGeometry | None,
+    ) -> int:
+        """One INSERT and one UPDATE in the common case; commits."""
+        series_id, patient_pk = self._series_row(session, ds)
+        if geometry is not None and usability != Usability.UNUSABLE:
+            self._learn_profile(session, geometry)
+        linked_volume_id = None
+        if usability == Usability.WAITING:
+            volume = newest_usable_volume(session, patient_pk)
+            if volume is not None:
+                usability, reason, linked_volume_id = Usability.USABLE, None, volume.id
+        instance = Instance(
+            series_id=series_id,
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            version=version,
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            path=str(stored.path),
+            size_bytes=stored.size_bytes,
+            sha256=stored.sha256,
+            number_of_frames=int(ds.get("NumberOfFrames", 1) or 1),
+            calling_ae=calling_ae,
+            geometry=None if geometry is None else geometry.to_json(),
+            usability=usability,
+            unusable_reason=reason,
+            linked_volume_id=linked_volume_id,
+        )
+        session.add(instance)
+        session.execute(
+            update(Series)
+            .where(Series.id == series_id)
+            .values(
+                instance_count=Series.instance_count + 1,
+                last_received_at=utcnow(),
+                # More slices after assembly: the series is receiving again, to be re-assembled.
+                state=case(
+                    (Series.state.in_(_REOPENED_STATES), SeriesState.RECEIVING.value),
+                    else_=Series.state,
+                ),
+            )
+        )
+        session.commit()
+        return instance.id
+
+    def _series_row(self, session: Session, ds: pydicom.Dataset) -> tuple[int, int]:
+        """(series id, patient id) for this instance, from a cache after the first time."""
+        series_uid = str(ds.SeriesInstanceUID)
+        cached = self._series_ids.get(series_uid)
+        if cached is not None:
+            return cached
+        series = self._series_for(session, ds)
+        session.flush()
+        ids = (series.id, series.study.patient_id)
+        self._series_ids[series_uid] = ids
+        return ids
 
     def _usability(self, ds: pydicom.Dataset) -> tuple[str, str | None, XrayGeometry | None]:
         """Whether an X-ray can be registered (and why not); CT slices are not X-rays."""
@@ -379,6 +424,10 @@ class Receiver:
         )
         if not stated:
             return
+        known = (geometry.sid_mm, geometry.pixel_spacing_mm)
+        if self._learned.get(geometry.device_key()) == known:
+            return  # nothing new about this device
+        self._learned[geometry.device_key()] = known
         manufacturer, model, station, rows, columns = geometry.device_key()
         profile = session.scalars(
             select(CarmProfile).where(
@@ -510,12 +559,6 @@ class _NoLock:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def _safe_sop_uid(part10: bytes) -> str | None:

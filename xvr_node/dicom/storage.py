@@ -59,8 +59,13 @@ class FileStore:
         suffix = "" if version == 1 else f".v{version}"
         return PurePosixPath("instances", study_uid, series_uid, f"{sop_uid}{suffix}.dcm")
 
-    def write(self, relative: PurePosixPath | str, data: bytes) -> StoredFile:
-        """Write ``data`` durably at ``relative``; raises :class:`StorageFullError`."""
+    def write(
+        self, relative: PurePosixPath | str, data: bytes, sha256: str | None = None
+    ) -> StoredFile:
+        """Write ``data`` durably at ``relative``; raises :class:`StorageFullError`.
+
+        ``sha256`` may be passed when the caller already hashed ``data``.
+        """
         self.check_free_space(len(data))
         final = self.absolute(relative)
         temporary = self.incoming / f"{uuid.uuid4().hex}.part"
@@ -77,7 +82,8 @@ class FileStore:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFullError(errno.ENOSPC, "storage is full") from error
             raise
-        return StoredFile(PurePosixPath(relative), len(data), hashlib.sha256(data).hexdigest())
+        digest = sha256 or hashlib.sha256(data).hexdigest()
+        return StoredFile(PurePosixPath(relative), len(data), digest)
 
     def write_file(self, relative: PurePosixPath | str, source: Path) -> StoredFile:
         """Move a finished local file (e.g. a NIfTI written beside the store) in durably."""
