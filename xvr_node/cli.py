@@ -174,6 +174,186 @@ def status_command(state: CliState, as_json: bool) -> None:
     click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
 
 
+# --- the method (research CLI) ---------------------------------------------------------------
+
+
+def _load_volume(path: Path):
+    """A CT volume from a NIfTI file or a CT DICOM folder (checked like node assembly)."""
+    from xvr_node.ct_volume import CtVolume
+    from xvr_node.dicom.volume import VolumeRefusedError, assemble_volume, read_series_files
+
+    if path.is_dir():
+        try:
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != "DICOMDIR")
+            return assemble_volume(read_series_files(files)).volume
+        except VolumeRefusedError as refused:
+            raise click.ClickException(f"{path}: {refused.reason}") from refused
+    return CtVolume.from_nifti(path)
+
+
+def _registrar(state: CliState, volume, scales: str | None, orientation: str | None, device: str):
+    from xvr_node.xvr.register import RefineSettings, Registrar
+
+    settings = state.settings()
+    refine = RefineSettings.from_settings(settings.registration)
+    if scales:
+        refine = RefineSettings(
+            **{**refine.__dict__, "scales": tuple(float(x) for x in scales.split(","))}
+        )
+    return Registrar(
+        volume,
+        refine,
+        orientation or settings.training.orientation,
+        device,
+        labels=settings.registration.mask_labels,
+    )
+
+
+_register_options = [
+    click.argument("xrays", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path)),
+    click.option(
+        "--volume",
+        "volume_path",
+        required=True,
+        type=click.Path(exists=True, path_type=Path),
+        help="CT as NIfTI, or a CT DICOM series folder.",
+    ),
+    click.option("--output", required=True, type=click.Path(path_type=Path, file_okay=False)),
+    click.option("--scales", default=None, help="Detector downsampling, coarse to fine: 4,2"),
+    click.option("--orientation", type=click.Choice(["AP", "PA"]), default=None),
+    click.option("--device", default="cpu", show_default=True),
+    click.option("--no-tracking", is_flag=True, help="Start every frame of a run afresh."),
+]
+
+
+def _with_register_options(function):
+    for option in reversed(_register_options):
+        function = option(function)
+    return function
+
+
+@cli.group("register")
+def register_group() -> None:
+    """Register X-ray frames to a CT; one JSON result per frame."""
+
+
+@register_group.command("dicom")
+@_with_register_options
+@click.pass_obj
+def register_dicom(
+    state: CliState, xrays, volume_path, output, scales, orientation, device, no_tracking
+) -> None:
+    """Start from the C-arm's positioner angles and Distance Source to Patient."""
+    from xvr_node.xvr.run import register_files, xray_files
+
+    volume = _load_volume(volume_path)
+    registrar = _registrar(state, volume, scales, orientation, device)
+    register_files(
+        volume,
+        xray_files(xrays),
+        output,
+        registrar,
+        "dicom",
+        track=not no_tracking,
+        echo=click.echo,
+    )
+
+
+@register_group.command("fixed")
+@_with_register_options
+@click.option("--primary", type=float, default=0.0, show_default=True, help="LAO+/RAO- deg")
+@click.option("--secondary", type=float, default=0.0, show_default=True, help="CRA+/CAU- deg")
+@click.option("--dsp", type=float, default=750.0, show_default=True, help="Source to isocentre, mm")
+@click.option(
+    "--offset",
+    type=float,
+    nargs=3,
+    default=(0.0, 0.0, 0.0),
+    help="Isocentre offset from the CT centre, LPS mm",
+)
+@click.option(
+    "--init-matrix",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="JSON 4x4 image-plane -> CT LPS (or a result file's final_matrix).",
+)
+@click.pass_obj
+def register_fixed(
+    state: CliState,
+    xrays,
+    volume_path,
+    output,
+    scales,
+    orientation,
+    device,
+    no_tracking,
+    primary,
+    secondary,
+    dsp,
+    offset,
+    init_matrix,
+) -> None:
+    """Start from a pose you give: angles and offsets, or a matrix."""
+    import numpy as np
+
+    from xvr_node.geometry import check_rigid
+    from xvr_node.xvr.run import FixedStart, register_files, xray_files
+
+    matrix = None
+    if init_matrix is not None:
+        data = json.loads(init_matrix.read_text())
+        matrix = np.array(data["final_matrix"] if isinstance(data, dict) else data, dtype=float)
+        try:
+            check_rigid(matrix)
+        except ValueError as error:
+            raise click.ClickException(f"{init_matrix}: {error}") from error
+    fixed = FixedStart(primary, secondary, dsp, tuple(offset), 0.0, matrix)
+    volume = _load_volume(volume_path)
+    registrar = _registrar(state, volume, scales, orientation, device)
+    register_files(
+        volume,
+        xray_files(xrays),
+        output,
+        registrar,
+        "fixed",
+        fixed,
+        track=not no_tracking,
+        echo=click.echo,
+    )
+
+
+@cli.command("evaluate")
+@click.argument("results", type=click.Path(exists=True, path_type=Path))
+@click.argument("truth", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def evaluate_command(results: Path, truth: Path) -> None:
+    """Metrics (mTRE, mPE, dgeo, success rates) of results against a phantom's truth.json."""
+    from xvr_node.xvr.evaluate import evaluate
+
+    click.echo(evaluate(results, truth))
+
+
+@cli.command("dcm2nii")
+@click.argument("series", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+def dcm2nii_command(series: Path, output: Path) -> None:
+    """A CT DICOM series folder to NIfTI, with the node's assembly checks."""
+    from xvr_node.dicom.volume import (
+        VolumeRefusedError,
+        assemble_volume,
+        read_series_files,
+        write_volume_nifti,
+    )
+
+    files = sorted(p for p in series.rglob("*") if p.is_file() and p.name != "DICOMDIR")
+    try:
+        assembled = assemble_volume(read_series_files(files))
+    except VolumeRefusedError as refused:
+        raise click.ClickException(refused.reason) from refused
+    write_volume_nifti(assembled, output)
+    shape = "x".join(map(str, assembled.volume.hu.shape))
+    click.echo(f"{output}: {shape} voxels from {len(files)} files")
+
+
 # --- phantom and demo ----------------------------------------------------------------------
 
 

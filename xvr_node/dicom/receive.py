@@ -35,7 +35,7 @@ from xvr_node.catalog.models import (
     utcnow,
 )
 from xvr_node.dicom.storage import FileStore, StorageFullError, StoredFile, is_valid_uid
-from xvr_node.dicom.xray_geometry import (
+from xvr_node.xray_geometry import (
     XRAY_SOP_CLASSES,
     XrayGeometry,
     XrayGeometryError,

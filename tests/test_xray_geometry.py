@@ -14,7 +14,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage
 
-from xvr_node.dicom.xray_geometry import (
+from xvr_node.xray_geometry import (
     SID_NAME,
     SPACING_NAME,
     XRAY_SOP_CLASSES,

@@ -1,0 +1,154 @@
+"""Registration converges from each initializer, tracks a cine run, and writes usable JSON."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from xvr_node.cli import cli
+from xvr_node.dicom.volume import assemble_volume, read_series_files
+from xvr_node.geometry import check_rigid, rigid, rotation_about
+from xvr_node.xvr.metrics import mean_target_registration_error
+from xvr_node.xvr.register import RefineSettings, Registrar, downsample_volume
+from xvr_node.xvr.run import FixedStart, register_files
+from xvr_node.xvr.xray import read_xray_frames
+
+pytestmark = pytest.mark.slow
+
+# Success bound: below one pixel at the isocentre (64 px over 300 mm, magnification ~1.5:
+# ~3.1 mm), and a tenth of the 20-30 mm the starts are off by.
+BOUND_MM = 2.5
+
+
+@pytest.fixture(scope="module")
+def setup(small_phantom):
+    truth = json.loads((small_phantom / "truth.json").read_text())
+    volume = assemble_volume(read_series_files(sorted((small_phantom / "ct").glob("*.dcm"))))
+    registrar = Registrar(volume.volume, RefineSettings(scales=(2, 1)))
+    return truth, registrar
+
+
+def truth_of(truth: dict, file: str, frame_number: int = 1) -> dict:
+    return next(
+        r for r in truth["xrays"] if r["file"] == file and r["frame_number"] == frame_number
+    )
+
+
+def test_dicom_initializer_converges(small_phantom, setup):
+    truth, registrar = setup
+    record = truth_of(truth, "xray/IMG_000.dcm")
+    (frame,) = read_xray_frames(small_phantom / record["file"])
+    start = registrar.dicom_pose(frame)
+    points, true = np.array(record["fiducials_lps"]), np.array(record["matrix"])
+    before = mean_target_registration_error(start, true, points)
+    outcome = registrar.register(frame, start)
+    after = mean_target_registration_error(outcome.final_matrix, true, points)
+    assert before > 10  # the positioner angles are a start, not the answer
+    assert after < BOUND_MM, (before, after)
+    check_rigid(outcome.final_matrix)
+    similarities = [t["similarity"] for t in outcome.trajectory]
+    assert similarities[-1] > similarities[0]
+
+
+def test_fixed_initializer_from_a_perturbed_truth(small_phantom, setup):
+    truth, registrar = setup
+    record = truth_of(truth, "xray/IMG_001.dcm")
+    (frame,) = read_xray_frames(small_phantom / record["file"])
+    true, points = np.array(record["matrix"]), np.array(record["fiducials_lps"])
+    centre = registrar.volume.center_lps
+    turn = rotation_about("z", 6.0) @ rotation_about("x", -5.0)
+    start = rigid(turn, centre - turn @ centre + np.array([12.0, -8.0, 10.0])) @ true
+    fixed = FixedStart(matrix=start)
+    from xvr_node.xvr.run import initial_matrix
+
+    assert np.allclose(initial_matrix(registrar, frame, "fixed", fixed), start)
+    outcome = registrar.register(frame, start)
+    assert mean_target_registration_error(start, true, points) > 10
+    assert mean_target_registration_error(outcome.final_matrix, true, points) < BOUND_MM
+
+
+def test_tracking_through_a_cine_run(small_phantom, setup, tmp_path):
+    truth, registrar = setup
+    files = [small_phantom / "xray/CINE_002.dcm"]
+    written = register_files(
+        registrar.volume, files, tmp_path, registrar, "dicom", echo=lambda line: None
+    )
+    assert [p.name for p in written] == [f"CINE_002_f00{i}.json" for i in (1, 2, 3)]
+    results = [json.loads(p.read_text()) for p in written]
+    assert [r["initializer"] for r in results] == ["dicom", "tracking", "tracking"]
+    for result in results:
+        record = truth_of(truth, "xray/CINE_002.dcm", result["frame_number"])
+        error = mean_target_registration_error(
+            np.array(result["final_matrix"]),
+            np.array(record["matrix"]),
+            np.array(record["fiducials_lps"]),
+        )
+        assert error < BOUND_MM, (result["frame_number"], error)
+    # Each frame starts where the previous one ended.
+    assert results[1]["initial_matrix"] == results[0]["final_matrix"]
+    assert results[0]["conventions"]["orientation"] == "PA"
+    assert results[0]["intrinsics"]["rows"] == 64
+
+
+def test_cli_register_fixed_and_evaluate(small_phantom, tmp_path):
+    record = json.loads((small_phantom / "truth.json").read_text())["xrays"][0]
+    start = tmp_path / "start.json"
+    turn = rotation_about("z", 4.0)
+    start.write_text(
+        json.dumps((rigid(turn, [5.0, 5.0, -5.0]) @ np.array(record["matrix"])).tolist())
+    )
+    runner = CliRunner()
+    result = runner.invoke(
+        cli,
+        [
+            "register",
+            "fixed",
+            str(small_phantom / record["file"]),
+            "--volume",
+            str(small_phantom / "ct"),
+            "--output",
+            str(tmp_path / "out"),
+            "--scales",
+            "2,1",
+            "--init-matrix",
+            str(start),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    table = runner.invoke(
+        cli, ["evaluate", str(tmp_path / "out"), str(small_phantom / "truth.json")]
+    )
+    assert table.exit_code == 0, table.output
+    assert "IMG_000.dcm" in table.output
+    summary = table.output.strip().splitlines()[-1]
+    assert summary.startswith("| 1 |") and "100.0 %" in summary  # the one frame under 1 mm
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(np.diag([-1.0, 1, 1, 1]).tolist()))
+    refused = runner.invoke(
+        cli,
+        [
+            "register",
+            "fixed",
+            str(small_phantom / record["file"]),
+            "--volume",
+            str(small_phantom / "ct"),
+            "--output",
+            str(tmp_path / "out2"),
+            "--init-matrix",
+            str(bad),
+        ],
+    )
+    assert refused.exit_code != 0 and "reflection" in refused.output
+
+
+def test_downsampled_volume_keeps_its_geometry(setup):
+    _, registrar = setup
+    volume = registrar.volume
+    coarse = downsample_volume(volume, (2, 2, 1))
+    # A block's centre is the mean of its voxel centres, in LPS.
+    block = volume.voxel_to_lps(np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]]))
+    np.testing.assert_allclose(coarse.voxel_to_lps([0, 0, 0])[0], block.mean(axis=0))
+    assert coarse.hu[0, 0, 0] == pytest.approx(volume.hu[:2, :2, 0].mean(), rel=1e-5)

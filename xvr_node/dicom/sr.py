@@ -1,0 +1,203 @@
+"""The registration report: a TID 1500 Comprehensive SR with what the SRO cannot carry."""
+
+from __future__ import annotations
+
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    ComprehensiveSR,
+    DeviceObserverIdentifyingAttributes,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    SourceImageForMeasurement,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from xvr_node.dicom.results import (
+    CODING_SCHEME,
+    CODING_SCHEME_NAME,
+    MANUFACTURER,
+    SERIES_DESCRIPTION_REPORT,
+    SERIES_NUMBER_REPORT,
+    RegistrationResult,
+    check_xray,
+    copy_patient_extras,
+)
+from xvr_node.dicom.sro import SPATIAL_REGISTRATION_SOP_CLASS
+
+
+def _private(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value=value, scheme_designator=CODING_SCHEME, meaning=meaning)
+
+
+def _ucum(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value=value, scheme_designator="UCUM", meaning=meaning)
+
+
+#: Concept names of the report (standard where one exists, else 99XVRNODE).
+SOURCE_TO_DETECTOR = CodedConcept("113750", "DCM", "Distance Source to Detector")
+HORIZONTAL_PIXEL_SPACING = CodedConcept("111026", "DCM", "Horizontal Pixel Spacing")
+VERTICAL_PIXEL_SPACING = CodedConcept("111066", "DCM", "Vertical Pixel Spacing")
+PRINCIPAL_POINT_COLUMN = _private("XVR001", "Principal point column")
+PRINCIPAL_POINT_ROW = _private("XVR002", "Principal point row")
+FINAL_SIMILARITY = _private("XVR003", "Final image similarity")
+ITERATIONS = _private("XVR004", "Optimizer iterations")
+WALL_TIME = _private("XVR005", "Registration wall time")
+POSE_INITIALIZER = _private("XVR010", "Pose initializer")
+PROCEDURE = _private("XVR100", "2D/3D registration of X-ray to CT")
+FINDING = _private("XVR101", "X-ray pose in CT")
+
+#: Coded values of the Pose initializer evaluation.
+INITIALIZER_CODES = {
+    "model": _private("XVR020", "Pose regression model"),
+    "dicom": _private("XVR021", "C-arm positioner angles"),
+    "fixed": _private("XVR022", "Fixed starting pose"),
+    "multistart": _private("XVR023", "Multiple starting poses"),
+    "tracking": _private("XVR024", "Pose of the previous frame"),
+}
+
+MM = _ucum("mm", "millimeter")
+PIXELS = _ucum("{pixels}", "pixels")
+NO_UNITS = _ucum("1", "no units")
+ITERATION_UNIT = _ucum("{iterations}", "iterations")
+SECONDS = _ucum("s", "second")
+
+#: Device Observer UID (121012, DCM) of xvr-node: one UID for the software, stable.
+DEVICE_OBSERVER_UID = generate_uid(entropy_srcs=["xvr-node device observer"])
+
+
+def coding_scheme_identification() -> CodingSchemeIdentificationItem:
+    """The Coding Scheme Identification Sequence item of the ``99XVRNODE`` private codes."""
+    return CodingSchemeIdentificationItem(
+        designator=CODING_SCHEME,
+        name=CODING_SCHEME_NAME,
+        version="1.0",
+        responsible_organization=MANUFACTURER,
+    )
+
+
+def build_measurement_report(
+    xray: Dataset,
+    sro: Dataset,
+    result: RegistrationResult,
+    *,
+    series_instance_uid: str | None = None,
+    instance_number: int = 1,
+    series_number: int = SERIES_NUMBER_REPORT,
+) -> Dataset:
+    """Build the Comprehensive SR (TID 1500 Measurement Report) of one registered X-ray pose.
+
+    One measurement group holds Distance Source to Detector (mm), Vertical/Horizontal Pixel
+    Spacing at the detector (mm), the principal point (pixels), the final similarity (no
+    units), the iterations and the wall time (s), each with the X-ray as Source of
+    Measurement; the initializer is a coded evaluation, software version and model id go
+    in Algorithm Identification. The X-ray and the SRO are listed as evidence.
+
+    Parameters
+    ----------
+    xray
+        The registered XA/RF instance: patient, study, Source of Measurement.
+    sro
+        The Spatial Registration object of the same result
+        (:func:`~xvr_node.dicom.sro.build_spatial_registration`): Current Requested
+        Procedure Evidence.
+    result
+        The figures to report.
+    series_instance_uid
+        Series Instance UID (0020,000E) of the new series; a new UID when ``None``.
+    instance_number
+        Instance Number (0020,0013).
+    series_number
+        Series Number (0020,0011) of the new series.
+
+    Returns
+    -------
+    pydicom.Dataset
+        A highdicom ``ComprehensiveSR`` (Explicit VR Little Endian).
+    """
+    check_xray(xray, result)
+    if sro.get("SOPClassUID") != SPATIAL_REGISTRATION_SOP_CLASS:
+        raise ValueError("sro: SOP Class UID (0008,0016) is not Spatial Registration Storage")
+    if sro.get("StudyInstanceUID") != xray.StudyInstanceUID:
+        raise ValueError("sro: Study Instance UID (0020,000D) is not the X-ray's study")
+    if instance_number < 1:
+        raise ValueError(f"Instance Number (0020,0013) must be positive, got {instance_number}")
+
+    intrinsics = result.intrinsics
+    source = SourceImageForMeasurement(
+        referenced_sop_class_uid=xray.SOPClassUID,
+        referenced_sop_instance_uid=xray.SOPInstanceUID,
+        referenced_frame_numbers=result.frame_numbers,
+    )
+
+    def measurement(name: CodedConcept, value: float, unit: CodedConcept) -> Measurement:
+        return Measurement(name=name, value=value, unit=unit, referenced_images=[source])
+
+    measurements = [
+        measurement(SOURCE_TO_DETECTOR, intrinsics.sid_mm, MM),
+        measurement(VERTICAL_PIXEL_SPACING, intrinsics.row_spacing_mm, MM),
+        measurement(HORIZONTAL_PIXEL_SPACING, intrinsics.column_spacing_mm, MM),
+        measurement(PRINCIPAL_POINT_COLUMN, intrinsics.u0, PIXELS),
+        measurement(PRINCIPAL_POINT_ROW, intrinsics.v0, PIXELS),
+        measurement(FINAL_SIMILARITY, result.similarity, NO_UNITS),
+        measurement(ITERATIONS, result.iterations, ITERATION_UNIT),
+        measurement(WALL_TIME, result.wall_time_s, SECONDS),
+    ]
+    parameters = [
+        f"initializer: {result.initializer}",
+        f"model: {result.model_id or 'none'}",
+    ]
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier="X-ray pose"),
+        finding_type=FINDING,
+        algorithm_id=AlgorithmIdentification(
+            name=MANUFACTURER,
+            version=result.software_version,
+            parameters=parameters,
+            manufacturer=MANUFACTURER,
+        ),
+        measurements=measurements,
+        qualitative_evaluations=[
+            QualitativeEvaluation(POSE_INITIALIZER, INITIALIZER_CODES[result.initializer])
+        ],
+    )
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=DEVICE_OBSERVER_UID,
+            name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER,
+            model_name=MANUFACTURER,
+        ),
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE,
+        imaging_measurements=[group],
+    )
+    sr = ComprehensiveSR(
+        evidence=[xray, sro],
+        content=report,
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=SERIES_DESCRIPTION_REPORT,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=result.software_version,
+        coding_schemes=[coding_scheme_identification()],
+    )
+    # No Body Part Examined: the SR Document Series module has none (dciodvfy would call the
+    # object Standard Extended).
+    copy_patient_extras(sr, xray)
+    return sr

@@ -1,0 +1,104 @@
+"""Image similarity (mNCC, gradient-NCC) and the SE(3) geodesic loss used to train and register."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffdrr.metrics import DoubleGeodesicSE3
+from diffdrr.pose import RigidTransform
+
+#: Added to every variance, relative to a globally standardised image (unit variance).
+EPS = 1e-5
+
+_SOBEL = torch.tensor(
+    [
+        [[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]],
+        [[1.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]],
+    ]
+).unsqueeze(1)
+
+
+def standardize(image: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit std per image, so ``EPS`` is relative and scaling changes nothing."""
+    mean = image.mean(dim=(-1, -2, -3), keepdim=True)
+    std = image.std(dim=(-1, -2, -3), keepdim=True, correction=0)
+    return (image - mean) / (std + 1e-8 * (1.0 + mean.abs()))
+
+
+def global_ncc(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """NCC over each whole image, averaged over channels: (B,)."""
+    x1 = x1 - x1.mean(dim=(-1, -2), keepdim=True)
+    x2 = x2 - x2.mean(dim=(-1, -2), keepdim=True)
+    cov = (x1 * x2).mean(dim=(-1, -2))
+    var1 = x1.square().mean(dim=(-1, -2))
+    var2 = x2.square().mean(dim=(-1, -2))
+    return (cov / torch.sqrt((var1 + EPS) * (var2 + EPS))).mean(dim=1)
+
+
+def windowed_ncc(x1: torch.Tensor, x2: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Mean NCC of all ``patch_size``² windows (stride 1, inside the image): (B,).
+
+    The same number as diffdrr's ``NormalizedCrossCorrelation2d(patch_size)``, computed with
+    box filters instead of unfolded patches: O(H·W) memory and time whatever the patch size,
+    which is what makes full-resolution refinement and large training batches affordable.
+    """
+    size = min(patch_size, x1.shape[-1], x1.shape[-2])
+    mean1 = F.avg_pool2d(x1, size, stride=1)
+    mean2 = F.avg_pool2d(x2, size, stride=1)
+    var1 = (F.avg_pool2d(x1 * x1, size, stride=1) - mean1 * mean1).clamp(min=0.0)
+    var2 = (F.avg_pool2d(x2 * x2, size, stride=1) - mean2 * mean2).clamp(min=0.0)
+    cov = F.avg_pool2d(x1 * x2, size, stride=1) - mean1 * mean2
+    ncc = cov / torch.sqrt((var1 + EPS) * (var2 + EPS))
+    return ncc.mean(dim=(1, 2, 3))
+
+
+def multiscale_ncc(fixed: torch.Tensor, moving: torch.Tensor, patch_size: int = 9) -> torch.Tensor:
+    """mNCC: ½ global NCC + ½ ``patch_size``-patch NCC, per image (B,)."""
+    fixed, moving = standardize(fixed), standardize(moving)
+    return 0.5 * global_ncc(fixed, moving) + 0.5 * windowed_ncc(fixed, moving, patch_size)
+
+
+def sobel(image: torch.Tensor) -> torch.Tensor:
+    """x and y Sobel gradients (B, 2, H−2, W−2), without padding so borders add no edges."""
+    return F.conv2d(image, _SOBEL.to(image), padding=0)
+
+
+def gradient_ncc(fixed: torch.Tensor, moving: torch.Tensor, patch_size: int = 11) -> torch.Tensor:
+    """Patch NCC of the Sobel gradients, averaged over both directions: (B,)."""
+    grad_fixed = sobel(standardize(fixed))
+    grad_moving = sobel(standardize(moving))
+    return windowed_ncc(grad_fixed, grad_moving, patch_size)
+
+
+def image_similarity(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    beta: float = 0.5,
+    patch_ncc: int = 9,
+    patch_grad: int = 11,
+) -> torch.Tensor:
+    """β·mNCC + (1 − β)·gradient-NCC of (B, 1, H, W) images: (B,), in [−1, 1], higher is better.
+
+    Invariant to a positive affine change of either image's intensities, so a DRR's line
+    integrals and a log-converted X-ray can be compared without calibrating either.
+    """
+    if fixed.shape != moving.shape:
+        raise ValueError(f"images differ in shape: {tuple(fixed.shape)} vs {tuple(moving.shape)}")
+    if fixed.dim() != 4 or fixed.shape[1] != 1:
+        raise ValueError(f"expected (B, 1, H, W) images, got {tuple(fixed.shape)}")
+    score = beta * multiscale_ncc(fixed, moving, patch_ncc)
+    if beta < 1.0:
+        score = score + (1.0 - beta) * gradient_ncc(fixed, moving, patch_grad)
+    return score
+
+
+def geodesic_distance(
+    pred: RigidTransform, true: RigidTransform, sdd_mm: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """diffdrr's double geodesic: (rotation · SDD/2, translation, combined), each (B,) in mm."""
+    return DoubleGeodesicSE3(sdd_mm)(pred, true)
+
+
+def geodesic_loss(pred: RigidTransform, true: RigidTransform, sdd_mm: float) -> torch.Tensor:
+    """The combined double-geodesic SE(3) distance (mm) between two batches of poses: (B,)."""
+    return geodesic_distance(pred, true, sdd_mm)[2]

@@ -1,0 +1,348 @@
+"""Register an X-ray frame to a CT: an initial pose, then multiscale differentiable refinement."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffdrr.pose import RigidTransform, convert
+
+from xvr_node.ct_volume import CtVolume
+from xvr_node.geometry import CarmPose, Intrinsics, pose_to_euler_zxy
+from xvr_node.xvr.losses import image_similarity
+from xvr_node.xvr.renderer import make_drr
+from xvr_node.xvr.xray import XrayFrame, line_integrals
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """The refinement schedule (XVR.md "Refine"); every value comes from configuration."""
+
+    scales: Sequence[float] = (24, 12, 6)  # detector downsampling factors, coarse to fine
+    beta: float = 0.5  # weight of mNCC against gradient-NCC
+    lr_rotation: float = 1e-2  # rad
+    lr_translation: float = 1.0  # mm
+    lr_shrink: float = 0.5  # step sizes multiply by this at each finer scale
+    patience: int = 10
+    threshold: float = 1e-4
+    plateau_factor: float = 0.1
+    max_plateaus: int = 2
+    max_iterations_per_scale: int = 500
+    min_size_px: int = 16  # a scale never renders fewer pixels than this per side
+    patch_ncc: int = 9
+    patch_grad: int = 11
+    renderer: str = "trilinear"
+    # CT voxel size per scale, as a fraction of that scale's pixel footprint at the isocentre:
+    # finer CT detail than a pixel sees costs time and adds nothing.
+    voxel_per_pixel: float = 1.0
+
+    @classmethod
+    def from_settings(cls, registration) -> RefineSettings:
+        """From :class:`xvr_node.config.RegistrationSettings`."""
+        names = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in registration.model_dump().items() if k in names}
+        aliases = {
+            "max_iterations_per_scale": "max_iterations_per_scale",
+            "patch_size_ncc": "patch_ncc",
+            "patch_size_gradncc": "patch_grad",
+        }
+        for source, target in aliases.items():
+            if hasattr(registration, source):
+                values[target] = getattr(registration, source)
+        return cls(**values)
+
+
+@dataclass
+class Outcome:
+    """What a registration produced, with everything needed to reproduce and judge it."""
+
+    initial_matrix: np.ndarray
+    final_matrix: np.ndarray
+    similarity: float
+    iterations: int
+    wall_time_s: float
+    trajectory: list[dict] = field(default_factory=list)  # per iteration: scale, similarity
+    poses: list[np.ndarray] = field(default_factory=list)  # matrices, for animations
+
+
+class Registrar:
+    """One CT, ready to register X-ray frames against: the renderer is built once."""
+
+    def __init__(
+        self,
+        volume: CtVolume,
+        settings: RefineSettings | None = None,
+        orientation: str = "PA",
+        device: str | torch.device = "cpu",
+        labels: list[int] | None = None,
+    ) -> None:
+        self.volume = volume
+        self.settings = settings or RefineSettings()
+        self.orientation = orientation
+        self.frame = volume.frame(orientation)
+        self.device = torch.device(device)
+        self.labels = labels
+        self._renderers: dict[tuple, tuple] = {}
+        self._volumes: dict[tuple[int, int, int], CtVolume] = {}
+
+    # --- initial poses -----------------------------------------------------------------
+
+    def dicom_pose(self, frame: XrayFrame) -> np.ndarray:
+        """The C-arm's own reading: positioner angles about the CT centre at DSP."""
+        if frame.carm is None:
+            raise ValueError(f"{frame.name}: no positioner angles or Distance Source to Patient")
+        carm = CarmPose(
+            frame.carm.primary_deg,
+            frame.carm.secondary_deg,
+            frame.carm.source_isocenter_mm,
+            tuple(self.volume.center_lps),
+        )
+        return carm.to_matrix(frame.intrinsics)
+
+    def fixed_pose(
+        self,
+        frame: XrayFrame,
+        primary_deg: float,
+        secondary_deg: float,
+        source_isocenter_mm: float,
+        offsets_mm: Sequence[float] = (0.0, 0.0, 0.0),
+        inplane_deg: float = 0.0,
+    ) -> np.ndarray:
+        """A pose given by the user: angles about the CT centre moved by ``offsets_mm`` (LPS)."""
+        isocenter = tuple(np.asarray(self.volume.center_lps) + np.asarray(offsets_mm))
+        return CarmPose(
+            primary_deg, secondary_deg, source_isocenter_mm, isocenter, inplane_deg
+        ).to_matrix(frame.intrinsics)
+
+    # --- refinement --------------------------------------------------------------------
+
+    def score(self, frame: XrayFrame, matrix: np.ndarray, scale: float | None = None) -> float:
+        """Similarity of a pose at one scale (coarsest by default): multi-start's judge."""
+        scale = scale or self.settings.scales[0]
+        fixed, crop = self._fixed_image(frame, scale)
+        render = self._renderer(frame.intrinsics, scale)
+        with torch.no_grad():
+            moving = render(self._pose_tensor(matrix, frame.intrinsics))
+            return float(self._similarity(fixed, moving, crop))
+
+    def register(
+        self,
+        frame: XrayFrame,
+        initial_matrix: np.ndarray,
+        progress: Callable[[dict], None] | None = None,
+        keep_poses: bool = False,
+    ) -> Outcome:
+        """Refine ``initial_matrix`` (image plane → CT LPS) against ``frame``, coarse to fine."""
+        started = time.perf_counter()
+        s = self.settings
+        angles, translation = pose_to_euler_zxy(
+            self.frame.pose_from_matrix(initial_matrix, frame.intrinsics)
+        )
+        rotation = torch.tensor(np.deg2rad(angles), dtype=torch.float32, device=self.device)
+        shift = torch.tensor(translation, dtype=torch.float32, device=self.device)
+        rotation = torch.nn.Parameter(rotation[None])
+        shift = torch.nn.Parameter(shift[None])
+        trajectory: list[dict] = []
+        poses: list[np.ndarray] = []
+        iterations = 0
+        best = -math.inf
+        step = 1.0
+        for scale_index, scale in enumerate(s.scales):
+            fixed, crop = self._fixed_image(frame, scale)
+            render = self._renderer(frame.intrinsics, scale)
+            scale_started = time.perf_counter()
+            optimizer = torch.optim.Adam(
+                [
+                    {"params": [rotation], "lr": s.lr_rotation * step},
+                    {"params": [shift], "lr": s.lr_translation * step},
+                ],
+                maximize=True,
+            )
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer,
+                mode="max",
+                factor=s.plateau_factor,
+                patience=s.patience,
+                threshold=s.threshold,
+            )
+            plateaus = 0
+            for _ in range(s.max_iterations_per_scale):
+                optimizer.zero_grad()
+                pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
+                moving = render(pose)
+                similarity = self._similarity(fixed, moving, crop)
+                similarity.backward()
+                optimizer.step()
+                lr_before = optimizer.param_groups[0]["lr"]
+                scheduler.step(similarity.item())
+                iterations += 1
+                record = {
+                    "scale": float(scale),
+                    "iteration": iterations,
+                    "similarity": float(similarity.detach()),
+                }
+                trajectory.append(record)
+                if keep_poses:
+                    poses.append(self._matrix(pose, frame.intrinsics))
+                if progress is not None:
+                    progress(record)
+                if optimizer.param_groups[0]["lr"] < lr_before:
+                    plateaus += 1
+                    if plateaus >= s.max_plateaus:
+                        break
+            best = trajectory[-1]["similarity"]
+            step *= s.lr_shrink
+            LOG.debug(
+                "scale done",
+                extra={
+                    "event": "scale_done",
+                    "scale": scale,
+                    "index": scale_index,
+                    "similarity": best,
+                    "seconds": round(time.perf_counter() - scale_started, 2),
+                    "iterations": sum(1 for r in trajectory if r["scale"] == float(scale)),
+                },
+            )
+        with torch.no_grad():
+            pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
+            final = self._matrix(pose, frame.intrinsics)
+            final_similarity = self.score(frame, final, s.scales[-1])
+        return Outcome(
+            initial_matrix=np.asarray(initial_matrix, dtype=float),
+            final_matrix=final,
+            similarity=final_similarity,
+            iterations=iterations,
+            wall_time_s=time.perf_counter() - started,
+            trajectory=trajectory,
+            poses=poses,
+        )
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _size_at(self, intrinsics: Intrinsics, scale: float) -> tuple[int, int]:
+        rows, columns = intrinsics.rows, intrinsics.columns
+        factor = max(float(scale), 1.0)
+        smallest = min(rows, columns) / factor
+        if smallest < self.settings.min_size_px:
+            factor = min(rows, columns) / self.settings.min_size_px
+        return max(1, round(rows / factor)), max(1, round(columns / factor))
+
+    def _renderer(self, full: Intrinsics, scale: float):
+        """A render function for this scale: detector resized, CT resampled to match.
+
+        Poses are always expressed for the full-resolution volume's diffdrr world; a
+        resampled volume has its own grid centre, so its poses differ by a fixed shift.
+        """
+        factors = self._volume_factors(full, scale)
+        key = (full, scale)
+        if key not in self._renderers:
+            volume = self._volumes.get(factors) or downsample_volume(self.volume, factors)
+            self._volumes[factors] = volume
+            rows, columns = self._size_at(full, scale)
+            detector = Intrinsics(
+                full.sid_mm,
+                rows,
+                columns,
+                full.row_spacing_mm * full.rows / rows,
+                full.column_spacing_mm * full.columns / columns,
+                (
+                    (full.u0 + 0.5) * columns / full.columns - 0.5,
+                    (full.v0 + 0.5) * rows / full.rows - 0.5,
+                ),
+            )
+            drr = make_drr(
+                volume,
+                detector,
+                self.orientation,
+                device=self.device,
+                labels=self.labels,
+                renderer=self.settings.renderer,
+            )
+            shift = np.eye(4)
+            shift[:3, 3] = np.asarray(self.volume.center_ras) - np.asarray(volume.center_ras)
+            shift_t = torch.as_tensor(shift, dtype=torch.float32, device=self.device)[None]
+            n_points = int(
+                np.ceil(
+                    np.linalg.norm(np.array(volume.hu.shape) * volume.spacing_mm)
+                    / volume.spacing_mm.min()
+                )
+            )
+            self._renderers[key] = (drr, shift_t, n_points)
+        drr, shift_t, n_points = self._renderers[key]
+        kwargs = {"n_points": n_points} if self.settings.renderer == "trilinear" else {}
+
+        def render(pose: RigidTransform) -> torch.Tensor:
+            return drr(RigidTransform(shift_t @ pose.matrix), **kwargs)
+
+        return render
+
+    def _volume_factors(self, full: Intrinsics, scale: float) -> tuple[int, int, int]:
+        """Integer block sizes per CT axis so voxels approach the pixel footprint."""
+        rows, columns = self._size_at(full, scale)
+        pixel_mm = max(
+            full.row_spacing_mm * full.rows / rows, full.column_spacing_mm * full.columns / columns
+        )
+        # Footprint at a typical isocentre (magnification ~1.4 on C-arms).
+        target = pixel_mm / 1.4 * self.settings.voxel_per_pixel
+        spacing = self.volume.spacing_mm
+        return tuple(int(max(1, np.floor(target / s))) for s in spacing)
+
+    def _fixed_image(self, frame: XrayFrame, scale: float):
+        """The X-ray's line integrals, area-resampled to this scale, and its field crop."""
+        rows, columns = self._size_at(frame.intrinsics, scale)
+        full_rows, full_columns = frame.intrinsics.rows, frame.intrinsics.columns
+        image = torch.as_tensor(line_integrals(frame), dtype=torch.float32, device=self.device)
+        image = F.interpolate(image[None, None], size=(rows, columns), mode="area")
+        top, bottom, left, right = frame.field
+        sy, sx = rows / full_rows, columns / full_columns
+        crop = (
+            math.ceil(top * sy),
+            math.floor(bottom * sy),
+            math.ceil(left * sx),
+            math.floor(right * sx),
+        )
+        return image, crop
+
+    def _similarity(self, fixed: torch.Tensor, moving: torch.Tensor, crop) -> torch.Tensor:
+        top, bottom, left, right = crop
+        s = self.settings
+        return image_similarity(
+            fixed[..., top:bottom, left:right],
+            moving[..., top:bottom, left:right],
+            beta=s.beta,
+            patch_ncc=s.patch_ncc,
+            patch_grad=s.patch_grad,
+        ).mean()
+
+    def _pose_tensor(self, matrix: np.ndarray, intrinsics: Intrinsics) -> RigidTransform:
+        """The full-resolution volume's diffdrr pose of an exported matrix."""
+        pose = self.frame.pose_from_matrix(matrix, intrinsics)
+        return RigidTransform(torch.as_tensor(pose, dtype=torch.float32, device=self.device))
+
+    def _matrix(self, pose: RigidTransform, intrinsics: Intrinsics) -> np.ndarray:
+        matrix = pose.matrix[0].detach().double().cpu().numpy()
+        return self.frame.matrix_from_pose(matrix, intrinsics)
+
+
+def downsample_volume(volume: CtVolume, factors: tuple[int, int, int]) -> CtVolume:
+    """Block-average HU over ``factors`` voxels per axis (the mean keeps line integrals)."""
+    if factors == (1, 1, 1):
+        return volume
+    fx, fy, fz = factors
+    nx, ny, nz = (n // f for n, f in zip(volume.hu.shape, factors, strict=True))
+    hu = volume.hu[: nx * fx, : ny * fy, : nz * fz]
+    hu = hu.reshape(nx, fx, ny, fy, nz, fz).mean(axis=(1, 3, 5), dtype=np.float32)
+    scale = np.diag([fx, fy, fz, 1.0])
+    scale[:3, 3] = (np.array(factors) - 1) / 2.0  # new voxel centre in old voxel indices
+    labels = None
+    if volume.labels is not None:
+        labels = volume.labels[: nx * fx : fx, : ny * fy : fy, : nz * fz : fz]
+    return CtVolume(hu, volume.affine_lps @ scale, labels)
