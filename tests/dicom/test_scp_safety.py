@@ -204,7 +204,9 @@ def test_kill_9_loses_nothing_that_was_acknowledged(tmp_path, phantom_dir):
             sender.wait(timeout=60)
         acknowledged = [f for log in logs for f in acknowledged_files(log.read_text())]
         total = sum(len(batch) for batch in batches)
-        assert 30 <= len(acknowledged) < total, "the kill must land mid-transfer"
+        # Some instances were committed but not yet acknowledged when the kill landed: the
+        # node's count of stored instances runs ahead of the senders' acknowledgements.
+        assert 10 <= len(acknowledged) < total, "the kill must land mid-transfer"
 
         node.start()  # restart on the same store and catalog
         engine = make_engine(node.database_url)

@@ -1,0 +1,288 @@
+"""Training the pose regressor: losses, sampling, network, checkpoints, exact restart."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffdrr.pose import RigidTransform, convert
+
+from xvr_node.config import PoseRanges, TrainingSettings
+from xvr_node.ct_volume import CtVolume
+from xvr_node.geometry import CarmPose, check_rigid, euler_zxy_pose, rigid, rotation_about
+from xvr_node.phantom import example_ct
+from xvr_node.xvr.augment import XrayAugmentation
+from xvr_node.xvr.checkpoint import Conventions, load_checkpoint, load_model, training_intrinsics
+from xvr_node.xvr.losses import geodesic_loss, image_similarity
+from xvr_node.xvr.model import PoseRegressor
+from xvr_node.xvr.renderer import make_drr
+from xvr_node.xvr.sampling import ROTATION_SIZE, sample_poses
+from xvr_node.xvr.schedule import WarmupCosine
+from xvr_node.xvr.train import Projector, resample_volume, restart, train
+from xvr_node.xvr.warp import read_itk_transform, template_center_ras, template_to_volume
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin-wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_ct() -> CtVolume:
+    """diffdrr's chest CT at 5.6 × 5.6 × 10 mm: renders in milliseconds."""
+    volume = example_ct()
+    step = (8, 8, 4)
+    hu = np.ascontiguousarray(volume.hu[:: step[0], :: step[1], :: step[2]])
+    return CtVolume(hu, volume.affine_lps @ np.diag([*step, 1.0]))
+
+
+def tiny_settings(**changes) -> TrainingSettings:
+    """A 32-pixel detector with the default field of view, a small network, small batches."""
+    values = {
+        "backbone": "resnet10t",
+        "detector_size_px": 32,
+        "pixel_spacing_mm": 2.1764375 * 4,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "warmup_iterations": 2,
+        "gradient_accumulation": 1,
+        "checkpoint_every": 1000,
+    }
+    return TrainingSettings(**{**values, **changes})
+
+
+def losses_of(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+# --- losses -----------------------------------------------------------------------------------
+
+
+def test_image_similarity_is_one_for_identical_images_and_ignores_intensity_scaling():
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 1, 48, 40, generator=generator)
+    image = torch.nn.functional.avg_pool2d(image, 5, 1, 2)  # some structure to correlate
+    noisy = image + 0.05 * torch.randn(image.shape, generator=generator)
+
+    same = image_similarity(image, image)
+    worse = image_similarity(image, noisy)
+
+    assert same.shape == (2,)
+    assert torch.allclose(same, torch.ones(2), atol=1e-3)
+    assert torch.all(worse < same - 0.05)
+    assert torch.allclose(image_similarity(image, 7.0 * noisy + 300.0), worse, atol=1e-4)
+    assert torch.all((worse >= -1) & (worse <= 1))
+
+
+def test_geodesic_loss_is_zero_for_identical_poses_and_grows_with_rotation():
+    pose = RigidTransform(torch.as_tensor(euler_zxy_pose([10, 5, 0], [0, -700, 0]))[None].float())
+    turned = RigidTransform(torch.as_tensor(euler_zxy_pose([12, 5, 0], [0, -700, 0]))[None].float())
+
+    assert geodesic_loss(pose, pose, 1020.0).item() == pytest.approx(0.0, abs=1e-2)
+    # 2 degrees at SDD/2 = 510 mm: about 17.8 mm.
+    assert geodesic_loss(turned, pose, 1020.0).item() == pytest.approx(17.8, abs=0.5)
+
+
+# --- sampling and the network ------------------------------------------------------------------
+
+
+def test_sampled_views_are_rigid_and_inside_the_ranges(tiny_ct):
+    ranges = PoseRanges(primary_deg=30, secondary_deg=20, inplane_deg=10, offsets_mm=(50, 0, 40))
+    settings = tiny_settings(pose_ranges=ranges)
+    intrinsics = training_intrinsics(settings)
+    batch = sample_poses(
+        tiny_ct, ranges, intrinsics, "PA", 16, torch.Generator().manual_seed(1), "euler_angles"
+    )
+
+    for view, matrix in zip(batch.carm, batch.matrices, strict=True):
+        check_rigid(matrix)
+        assert abs(view.primary_deg) <= 30 and abs(view.secondary_deg) <= 20
+        assert abs(view.inplane_deg) <= 10
+        assert 0.45 * 1020 <= view.source_isocenter_mm <= 1020
+        offset = np.asarray(view.isocenter_lps) - tiny_ct.center_lps
+        assert np.all(np.abs(offset) <= np.array([50, 0, 40]) + 1e-9)
+        recovered = CarmPose.from_matrix(matrix, intrinsics, view.source_isocenter_mm)
+        assert recovered.primary_deg == pytest.approx(view.primary_deg, abs=1e-6)
+    # The regression target converts back to the same diffdrr pose (translation first).
+    again = convert(
+        batch.rotation, batch.translation, parameterization="euler_angles", convention="ZXY"
+    )
+    assert torch.allclose(again.matrix, batch.pose.matrix, atol=1e-3)
+    assert batch.parameters.shape == (16, 6)
+
+
+@pytest.mark.parametrize("parameterization", sorted(ROTATION_SIZE))
+def test_network_output_is_a_valid_pose(parameterization):
+    model = PoseRegressor("resnet10t", parameterization, image_size=32)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+    pose = model.predict_pose(torch.rand(3, 1, 32, 32))
+
+    assert model.rotation_head.out_features == ROTATION_SIZE[parameterization]
+    for matrix in pose.matrix.double().numpy():
+        check_rigid(matrix, tolerance=1e-4)
+    with pytest.raises(ValueError, match="resample"):
+        model.predict_pose(torch.rand(1, 1, 40, 40))
+
+
+def test_augmentations_keep_shape_and_normalise(tiny_ct):
+    images = torch.rand(8, 1, 32, 32) * 100
+    out = XrayAugmentation(p=1.0)(images, torch.Generator().manual_seed(0))
+
+    assert out.shape == images.shape and torch.isfinite(out).all()
+    assert torch.allclose(out.mean(dim=(1, 2, 3)), torch.zeros(8), atol=1e-4)
+    assert torch.allclose(out.std(dim=(1, 2, 3), correction=0), torch.ones(8), atol=1e-3)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    schedule = WarmupCosine(warmup_steps=4, total_steps=20)
+    values = [schedule(step) for step in range(21)]
+    assert values[0] < values[1] < values[3] <= 1.0
+    assert values[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(values[4:]))
+    assert values[20] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_training_renderer_matches_diffdrr_and_keeps_the_ct_centre(tiny_ct):
+    settings = tiny_settings()
+    intrinsics = training_intrinsics(settings)
+    coarse = resample_volume(tiny_ct, 12.0)
+    assert coarse.hu.shape[0] < tiny_ct.hu.shape[0]
+    assert np.allclose(coarse.center_lps, tiny_ct.center_lps, atol=1e-6)
+
+    batch = sample_poses(
+        tiny_ct, settings.pose_ranges, intrinsics, "PA", 4, torch.Generator().manual_seed(2)
+    )
+    projector = Projector(tiny_ct, intrinsics, "PA", samples_per_voxel=2.0)
+    with torch.no_grad():
+        ours = projector.render(batch.pose, projector.density(1.0))
+        drr = make_drr(tiny_ct, intrinsics, "PA", renderer="trilinear")
+        reference = drr(batch.pose, n_points=2000)
+    error = (ours - reference).abs().mean() / reference.abs().mean()
+    assert error < 0.015
+
+
+# --- training, checkpoints, restart -------------------------------------------------------------
+
+
+def test_training_lowers_the_loss(tiny_ct, tmp_path):
+    # From a random network: predictions start far off and must move toward the views.
+    final = train(
+        [tiny_ct], tiny_settings(), tmp_path, iterations=20, seed=0, start_at_nominal_view=False
+    )
+
+    losses = losses_of(tmp_path)
+    assert final.is_file() and len(losses) == 20
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_restart_continues_exactly_like_an_uninterrupted_run(tiny_ct, tmp_path):
+    settings = tiny_settings(gradient_accumulation=2)  # stop between two accumulated batches
+    straight = train([tiny_ct], settings, tmp_path / "straight", iterations=6, seed=3)
+
+    seen: list[int] = []
+
+    def stop_after_three(update) -> bool:
+        seen.append(update.iteration)
+        return update.iteration < 3
+
+    stopped = train(
+        [tiny_ct], settings, tmp_path / "a", iterations=6, seed=3, progress=stop_after_three
+    )
+    assert seen == [1, 2, 3] and stopped.name == "iter_000003.pt"
+    resumed = restart(stopped, tmp_path / "b")
+
+    first, second = losses_of(tmp_path / "straight"), losses_of(tmp_path / "b")
+    assert len(second) == 3
+    assert second[0] == pytest.approx(first[3], abs=1e-5)
+    assert np.allclose(second, first[3:], atol=1e-5)
+    ours, theirs = load_checkpoint(resumed).model, load_checkpoint(straight).model
+    assert all(torch.allclose(ours[key], theirs[key], atol=1e-6) for key in theirs)
+
+
+def test_checkpoint_records_conventions_and_refuses_mismatched_base(tiny_ct, tmp_path):
+    settings = tiny_settings()
+    final = train([tiny_ct], settings, tmp_path / "run", iterations=1)
+
+    model, conventions = load_model(final)
+    assert conventions == Conventions.from_settings(settings)
+    assert conventions.reverse_x_axis is True and conventions.orientation == "PA"
+    assert conventions.hu_to_density == "xvr-node-linear-v1"
+    assert conventions.image_size == (32, 32) and model.image_size == 32
+    assert Conventions.from_json(conventions.to_json()) == conventions
+
+    other = Conventions.from_settings(tiny_settings(orientation="AP", sdd_mm=1200.0))
+    problems = conventions.mismatches(other)
+    named = {line.split(":")[0] for line in problems}
+    assert named == {"orientation", "reverse_x_axis", "sid_mm"}
+    assert conventions.mismatches(conventions) == []
+
+    with pytest.raises(ValueError, match="sid_mm"):
+        train([tiny_ct], tiny_settings(sdd_mm=1200.0), tmp_path / "ft", base_checkpoint=final)
+
+
+def test_finetune_starts_from_the_base_weights(tiny_ct, tmp_path):
+    settings = tiny_settings(finetune_iterations=2, finetune_warmup_iterations=1)
+    base = train([tiny_ct], settings, tmp_path / "base", iterations=1)
+    tuned = train([tiny_ct], settings, tmp_path / "ft", base_checkpoint=base)
+
+    state = load_checkpoint(tuned)
+    assert state.iteration == 2 and state.run["lr"] == settings.finetune_lr
+    assert state.run["base_checkpoint"] == str(base)
+
+
+def test_itk_rigid_transform_with_centre(tmp_path, tiny_ct):
+    path = tmp_path / "warp.tfm"
+    path.write_text(
+        "#Insight Transform File V1.0\n#Transform 0\n"
+        "Transform: Euler3DTransform_double_3_3\n"
+        f"Parameters: 0 0 {np.pi / 2} 1 2 3\n"
+        "FixedParameters: 10 0 0 0\n"
+    )
+    matrix = read_itk_transform(path)
+
+    # 90 degrees about z through (10, 0, 0), then (1, 2, 3): (11, 0, 0) -> (10, 1, 0) + t.
+    assert np.allclose(matrix @ [11, 0, 0, 1], [11, 3, 3, 1])
+    assert np.allclose(read_itk_transform(path, invert=True) @ matrix, np.eye(4))
+    identity = template_to_volume(tiny_ct, np.eye(4), tiny_ct.center_ras)
+    assert np.allclose(identity, np.eye(4))
+
+
+def test_template_warp_maps_template_poses_onto_a_moved_ct(tiny_ct, tmp_path):
+    # The same anatomy scanned with the patient turned 20 degrees and shifted.
+    moved_from_template = rigid(rotation_about("z", 20.0) @ rotation_about("x", 5.0), [30, -10, 5])
+    moved = CtVolume(tiny_ct.hu, moved_from_template @ tiny_ct.affine_lps)
+    settings = tiny_settings()
+    intrinsics = training_intrinsics(settings)
+    centre = template_center_ras([tiny_ct, moved], [np.eye(4), moved_from_template])
+    assert np.allclose(centre, tiny_ct.center_ras)
+
+    batch = sample_poses(
+        tiny_ct, settings.pose_ranges, intrinsics, "PA", 2, torch.Generator().manual_seed(4)
+    )
+    reframe = torch.as_tensor(template_to_volume(moved, moved_from_template, centre)).float()
+    in_moved = batch.pose.compose(RigidTransform(reframe))
+    with torch.no_grad():
+        a = Projector(tiny_ct, intrinsics, "PA")
+        b = Projector(moved, intrinsics, "PA")
+        assert torch.allclose(
+            a.render(batch.pose, a.density(2.0)), b.render(in_moved, b.density(2.0)), atol=1e-2
+        )
+
+    final = train(
+        [tiny_ct, moved],
+        settings,
+        tmp_path,
+        iterations=2,
+        warps=[None, moved_from_template],
+    )
+    assert np.allclose(load_checkpoint(final).run["template_center_ras"], centre)

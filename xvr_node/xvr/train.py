@@ -1,0 +1,739 @@
+"""Train, finetune and restart a patient-specific pose regressor from synthetic X-rays (XVR)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffdrr.pose import RigidTransform
+from timm.utils import adaptive_clip_grad
+
+from xvr_node.config import TrainingSettings
+from xvr_node.ct_volume import CtVolume
+from xvr_node.geometry import Intrinsics
+from xvr_node.xvr.augment import XrayAugmentation
+from xvr_node.xvr.checkpoint import (
+    Checkpoint,
+    Conventions,
+    load_checkpoint,
+    save_checkpoint,
+    training_intrinsics,
+)
+from xvr_node.xvr.losses import geodesic_distance, multiscale_ncc
+from xvr_node.xvr.model import PoseRegressor
+from xvr_node.xvr.renderer import hu_to_density, make_drr
+from xvr_node.xvr.sampling import PoseBatch, nominal_pose, sample_poses
+from xvr_node.xvr.schedule import warmup_cosine
+from xvr_node.xvr.warp import template_center_ras, template_to_volume
+
+log = logging.getLogger(__name__)
+
+#: A pixel shows anatomy when its ray crosses this much water-equivalent tissue (mm).
+FOREGROUND_MM = 5.0
+
+#: Ray samples per chunk when rendering without gradient (about 200 MB of coordinates).
+NO_GRAD_SAMPLES = 1 << 24
+
+#: Fresh pose batches to draw before concluding that the ranges miss the anatomy.
+MAX_REDRAWS = 20
+
+#: Where in the run folder things go.
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+VOLUME_DIR = "volumes"
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """One iteration's numbers, for a progress bar, a job heartbeat or a stop decision."""
+
+    iteration: int
+    total: int
+    loss: float
+    mncc: float
+    dgeo_mm: float
+    lr: float
+    kept: float
+    it_per_s: float
+    eta_s: float
+
+
+#: Called after every iteration; returning ``False`` stops training with a checkpoint.
+ProgressCallback = Callable[[TrainingProgress], bool | None]
+
+
+# --- volumes and rendering ------------------------------------------------------------------
+
+
+def training_voxel_mm(settings: TrainingSettings) -> float:
+    """The finest detail a training DRR resolves: a detector pixel at the nearest isocentre."""
+    return settings.pixel_spacing_mm * settings.pose_ranges.source_isocenter_sdd_fraction[0]
+
+
+def resample_volume(volume: CtVolume, voxel_mm: float) -> CtVolume:
+    """Box-filter and resample the CT to about ``voxel_mm``, keeping the grid centre exactly.
+
+    The diffdrr world is centred on the grid centre, so a shifted centre would shift every
+    pose the network learns. Rays thinner than the voxels sample a finer CT for nothing;
+    this is most of the speed of CPU training.
+    """
+    spacing = volume.spacing_mm
+    factors = np.maximum(1, np.round(voxel_mm / spacing)).astype(int)
+    if np.all(factors == 1):
+        return volume
+    shape = np.array(volume.hu.shape)
+    new_shape = np.maximum(1, np.ceil(shape / factors)).astype(int)
+    # Air below -1000 HU is density 0 either way; clipping keeps it out of the average.
+    hu = torch.as_tensor(np.clip(volume.hu, -1000.0, None), dtype=torch.float32)[None, None]
+    kernel = tuple(int(min(k, n)) for k, n in zip(factors, shape, strict=True))
+    pooled = F.avg_pool3d(hu, kernel, stride=1)  # value at old index i + (k - 1) / 2
+    pooled_shape = np.array(pooled.shape[-3:])
+    # New voxel j sits at old index c + (j - (m - 1) / 2) * k, c = (n - 1) / 2.
+    axes = []
+    for n, m, k, size, kk in zip(shape, new_shape, factors, pooled_shape, kernel, strict=True):
+        old = (n - 1) / 2 + (np.arange(m) - (m - 1) / 2) * k
+        pooled_index = old - (kk - 1) / 2
+        axes.append(torch.as_tensor(2 * pooled_index / max(size - 1, 1) - 1, dtype=torch.float32))
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)[None]
+    resampled = F.grid_sample(
+        pooled, grid, mode="bilinear", padding_mode="border", align_corners=True
+    )[0, 0]
+    # grid_sample's (x, y, z) index the (last, middle, first) dims, hence the [::-1] above.
+    resampled = resampled.numpy()
+    affine = volume.affine_lps.copy()
+    centre = volume.center_lps
+    affine[:3, :3] = volume.affine_lps[:3, :3] * factors
+    affine[:3, 3] = 0.0
+    affine[:3, 3] = centre - (affine @ np.r_[(new_shape - 1) / 2.0, 1.0])[:3]
+    return CtVolume(np.ascontiguousarray(resampled, dtype=np.float32), affine)
+
+
+class Projector:
+    """Fast differentiable DRRs of one CT on the training detector (trilinear ray marching).
+
+    diffdrr supplies the geometry (detector rays, world → voxel); the line integrals are
+    sampled only between each ray's entry into and exit from the volume, every
+    ``1 / samples_per_voxel`` voxels (the volume is already box-filtered to the rays'
+    resolution), with one ``grid_sample`` call for the whole batch. Values are density·mm,
+    as diffdrr's renderers give; they agree with diffdrr's Siddon to about 2 %.
+    """
+
+    def __init__(
+        self,
+        volume: CtVolume,
+        intrinsics: Intrinsics,
+        orientation: str,
+        device: str | torch.device = "cpu",
+        samples_per_voxel: float = 0.5,
+    ) -> None:
+        self.volume = volume
+        self.intrinsics = intrinsics
+        self.drr = make_drr(CtVolume(volume.hu, volume.affine_lps), intrinsics, orientation)
+        self.drr = self.drr.to(device)
+        hu = self.drr.subject.volume.data.squeeze().to(device=device, dtype=torch.float32)
+        # hu_to_density is linear in the bone-contrast factor: keep both parts, mix per step.
+        self._soft = hu_to_density(hu, 1.0).to(device)
+        self._bone = hu_to_density(hu, 2.0).to(device) - self._soft
+        self.dims = torch.tensor(hu.shape, dtype=torch.float32, device=device)
+        self.samples = math.ceil(samples_per_voxel * float(self.dims.norm()))
+
+    def density(self, bone_contrast: float) -> torch.Tensor:
+        """``hu_to_density(hu, bone_contrast)`` of this CT, without redoing the whole mapping."""
+        return torch.add(self._soft, self._bone, alpha=bone_contrast - 1.0)
+
+    def render(self, pose: RigidTransform, density: torch.Tensor) -> torch.Tensor:
+        """Line integrals (B, 1, H, W) through ``density`` for diffdrr poses."""
+        per_view = self.intrinsics.rows * self.intrinsics.columns * self.samples
+        chunk = max(1, NO_GRAD_SAMPLES // per_view)
+        if torch.is_grad_enabled() or len(pose) <= chunk:
+            return self._render(pose, density)
+        # Without gradient nothing needs to be kept: bound the memory of large batches.
+        return torch.cat(
+            [
+                self._render(RigidTransform(pose.matrix[i : i + chunk]), density)
+                for i in range(0, len(pose), chunk)
+            ]
+        )
+
+    def _render(self, pose: RigidTransform, density: torch.Tensor) -> torch.Tensor:
+        source_world, target_world = self.drr.detector(pose, None)
+        length_mm = (target_world - source_world).norm(dim=-1)  # (B, N)
+        source = self.drr.affine_inverse(source_world)  # voxel indices, (B, 1, 3)
+        target = self.drr.affine_inverse(target_world)
+        direction = target - source
+        tiny = torch.full_like(direction, 1e-9)
+        safe = torch.where(direction.abs() < 1e-9, torch.copysign(tiny, direction), direction)
+        near = (-0.5 - source) / safe
+        far = (self.dims - 0.5 - source) / safe
+        entry = torch.minimum(near, far).amax(dim=-1).clamp(min=0.0)
+        exit_ = torch.maximum(near, far).amin(dim=-1).clamp(max=1.0)
+        span = (exit_ - entry).clamp(min=0.0)  # (B, N), fraction of source → pixel
+        steps = (
+            torch.arange(self.samples, device=span.device, dtype=span.dtype) + 0.5
+        ) / self.samples
+        alphas = entry[..., None] + span[..., None] * steps  # (B, N, S)
+        # grid_sample's coordinates: voxel i ↦ 2(i + 0.5)/n − 1 (align_corners=False).
+        start = 2.0 * (source + 0.5) / self.dims - 1.0
+        stride = 2.0 * direction / self.dims
+        grid = torch.addcmul(start[:, :, None, :], alphas[..., None], stride[:, :, None, :])
+        batch, rays = span.shape
+        values = F.grid_sample(
+            density.permute(2, 1, 0)[None, None],
+            grid.reshape(1, batch * rays, self.samples, 1, 3),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        ).view(batch, rays, self.samples)
+        integral = values.sum(dim=-1) * span * length_mm / self.samples
+        return integral.view(batch, 1, self.intrinsics.rows, self.intrinsics.columns)
+
+
+def foreground_fraction(image: torch.Tensor) -> torch.Tensor:
+    """Fraction of each image's pixels whose ray crosses anatomy: (B,)."""
+    return (image > FOREGROUND_MM).flatten(1).float().mean(dim=1)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _save_volume(volume: CtVolume, path: Path) -> dict[str, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        np.savez(handle, hu=volume.hu.astype(np.float32), affine_lps=volume.affine_lps)
+    return {"path": str(path.resolve()), "sha256": _file_digest(path)}
+
+
+def _load_volume(entry: dict[str, str]) -> CtVolume:
+    path = Path(entry["path"])
+    if not path.is_file():
+        raise FileNotFoundError(f"training volume {path} is gone: pass volumes= to restart")
+    if _file_digest(path) != entry["sha256"]:
+        raise ValueError(f"training volume {path} changed since the checkpoint was written")
+    with np.load(path) as data:
+        return CtVolume(data["hu"], data["affine_lps"])
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.as_tensor(keys.astype(np.int64)), position, has_gauss, cached],
+        "python": _python_state_to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_state_to_lists(state: Any) -> Any:
+    return [_python_state_to_lists(x) for x in state] if isinstance(state, tuple) else state
+
+
+def _lists_to_python_state(state: Any) -> Any:
+    return tuple(_lists_to_python_state(x) for x in state) if isinstance(state, list) else state
+
+
+def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    random.setstate(_lists_to_python_state(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Run:
+    """One training run's state: the pieces a checkpoint must hold to resume exactly."""
+
+    def __init__(
+        self,
+        volumes: list[CtVolume],
+        settings: TrainingSettings,
+        model: PoseRegressor,
+        *,
+        total: int,
+        lr: float,
+        warmup: int,
+        device: str | torch.device,
+        generator: torch.Generator,
+        reframes: list[np.ndarray | None],
+    ) -> None:
+        self.settings = settings
+        self.conventions = Conventions.from_settings(settings)
+        self.intrinsics = training_intrinsics(settings)
+        self.device = torch.device(device)
+        self.volumes = volumes
+        self.projectors = [
+            Projector(v, self.intrinsics, settings.orientation, self.device) for v in volumes
+        ]
+        self.reframes = [
+            None
+            if r is None
+            else RigidTransform(torch.as_tensor(r, dtype=torch.float32, device=self.device))
+            for r in reframes
+        ]
+        self.model = model.to(self.device)
+        self.model.train()
+        self.total = total
+        self.lr = lr
+        self.warmup = warmup
+        accumulation = settings.gradient_accumulation
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.scheduler = warmup_cosine(
+            self.optimizer, math.ceil(warmup / accumulation), math.ceil(total / accumulation)
+        )
+        self.generator = generator
+        self.augment = XrayAugmentation(settings.augmentation_probability)
+        self.iteration = 0
+
+    def _uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=self.generator))
+
+    def _sample_views(
+        self, index: int, density: torch.Tensor
+    ) -> tuple[PoseBatch, torch.Tensor, float]:
+        """Views with enough anatomy, redrawing whole batches when none qualifies."""
+        settings = self.settings
+        projector = self.projectors[index]
+        for _ in range(MAX_REDRAWS):
+            batch = sample_poses(
+                self.volumes[index],
+                settings.pose_ranges,
+                self.intrinsics,
+                settings.orientation,
+                settings.batch_size,
+                self.generator,
+                settings.parameterization,
+                settings.convention,
+                self.device,
+            )
+            with torch.no_grad():
+                images = projector.render(batch.pose, density)
+            keep = foreground_fraction(images) >= settings.min_foreground_fraction
+            if keep.any():
+                kept = float(keep.float().mean())
+                return batch.subset(keep), images[keep], kept
+        raise RuntimeError(
+            f"no view in {MAX_REDRAWS} batches showed {settings.min_foreground_fraction:.0%} "
+            "anatomy: are training.pose_ranges (offsets, distances) right for this CT?"
+        )
+
+    def step(self) -> dict[str, float]:
+        """One iteration: render, augment, predict, re-render with gradient, back-propagate."""
+        settings = self.settings
+        index = int(torch.randint(len(self.projectors), (), generator=self.generator))
+        contrast = self._uniform(*settings.contrast_range)
+        projector = self.projectors[index]
+        density = projector.density(contrast)
+        batch, fixed, kept = self._sample_views(index, density)
+        inputs = self.augment(fixed, self.generator)
+        predicted = self.model(inputs)
+        reframe = self.reframes[index]
+        if reframe is not None:
+            predicted = predicted.compose(reframe)  # template world → this CT's world
+        moving = projector.render(predicted, density)
+        mncc = multiscale_ncc(fixed, moving, 9)
+        rgeo, tgeo, dgeo = geodesic_distance(predicted, batch.pose, settings.sdd_mm)
+        per_view = settings.w_ncc * (1.0 - mncc) + settings.w_geo * dgeo
+        loss = per_view.mean()
+        (loss / settings.gradient_accumulation).backward()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.iteration += 1
+        if self.iteration % settings.gradient_accumulation == 0 or self.iteration == self.total:
+            adaptive_clip_grad(self.model.parameters(), clip_factor=settings.gradient_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "iteration": self.iteration,
+            "loss": loss.item(),
+            "mncc": mncc.detach().mean().item(),
+            "dgeo_mm": dgeo.detach().mean().item(),
+            "rgeo_mm": rgeo.detach().mean().item(),
+            "tgeo_mm": tgeo.detach().mean().item(),
+            "lr": lr,
+            "kept": kept,
+            "contrast": contrast,
+            "volume": index,
+        }
+
+    def checkpoint(self, run_info: dict[str, Any]) -> Checkpoint:
+        gradients = [
+            None if p.grad is None else p.grad.detach().cpu() for p in self.model.parameters()
+        ]
+        return Checkpoint(
+            model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            model_config=self.model.config,
+            conventions=self.conventions,
+            settings=self.settings,
+            iteration=self.iteration,
+            total_iterations=self.total,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            gradients=gradients,
+            rng=_rng_state(self.generator),
+            run={**run_info, "lr": self.lr, "warmup_iterations": self.warmup},
+        )
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        self.model.load_state_dict(checkpoint.model)
+        if checkpoint.optimizer is not None:
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+        if checkpoint.scheduler is not None:
+            self.scheduler.load_state_dict(checkpoint.scheduler)
+        if checkpoint.gradients is not None:
+            for parameter, gradient in zip(
+                self.model.parameters(), checkpoint.gradients, strict=True
+            ):
+                parameter.grad = None if gradient is None else gradient.to(parameter.device)
+        if checkpoint.rng is not None:
+            _restore_rng(checkpoint.rng, self.generator)
+        self.iteration = checkpoint.iteration
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:d}:{minutes:02d}:{secs:02d}"
+
+
+def _loop(
+    run: _Run,
+    out_dir: Path,
+    run_info: dict[str, Any],
+    progress: ProgressCallback | None,
+    log_every: int,
+) -> Path:
+    """Iterate to ``run.total``; checkpoint periodically, at the end, and when told to stop."""
+    settings = run.settings
+    checkpoints = out_dir / CHECKPOINT_DIR
+    metrics_path = out_dir / METRICS_FILE
+    start_iteration, started = run.iteration, time.monotonic()
+    window_iteration, window_start = run.iteration, started
+    last: Path | None = None
+    with metrics_path.open("a") as metrics:
+        while run.iteration < run.total:
+            record = run.step()
+            now = time.monotonic()
+            record["elapsed_s"] = round(now - started, 4)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            done = run.iteration
+            rate = (done - start_iteration) / max(now - started, 1e-9)
+            update = TrainingProgress(
+                iteration=done,
+                total=run.total,
+                loss=record["loss"],
+                mncc=record["mncc"],
+                dgeo_mm=record["dgeo_mm"],
+                lr=record["lr"],
+                kept=record["kept"],
+                it_per_s=rate,
+                eta_s=(run.total - done) / rate if rate > 0 else math.inf,
+            )
+            if done % log_every == 0 or done == run.total or done == start_iteration + 1:
+                window_rate = (done - window_iteration) / max(now - window_start, 1e-9)
+                log.info(
+                    "training %d/%d loss %.4f mNCC %.3f dgeo %.1f mm lr %.2e %.2f it/s ETA %s",
+                    done,
+                    run.total,
+                    update.loss,
+                    update.mncc,
+                    update.dgeo_mm,
+                    update.lr,
+                    window_rate,
+                    _format_eta(update.eta_s),
+                )
+                window_iteration, window_start = done, now
+            stop = progress is not None and progress(update) is False
+            if done % settings.checkpoint_every == 0 or done == run.total or stop:
+                last = save_checkpoint(
+                    run.checkpoint(run_info), checkpoints / f"iter_{done:06d}.pt"
+                )
+                log.info("checkpoint %s", last)
+            if stop:
+                log.info("training stopped at iteration %d of %d", done, run.total)
+                break
+    if last is None:  # nothing left to do: the checkpoint we resumed from is final
+        last = save_checkpoint(
+            run.checkpoint(run_info), checkpoints / f"iter_{run.iteration:06d}.pt"
+        )
+    return last
+
+
+def _build_model(settings: TrainingSettings) -> PoseRegressor:
+    return PoseRegressor(
+        backbone=settings.backbone,
+        parameterization=settings.parameterization,
+        norm=settings.norm,
+        in_chans=1,
+        image_size=settings.detector_size_px,
+        convention=settings.convention,
+    )
+
+
+def _reframes(
+    volumes: list[CtVolume], warps: list[np.ndarray | None] | None
+) -> tuple[list[np.ndarray | None], list[float] | None]:
+    """Per volume, template world → volume world (None without warps) and the template centre."""
+    if warps is None or all(w is None for w in warps):
+        return [None] * len(volumes), None
+    if len(warps) != len(volumes):
+        raise ValueError(f"got {len(warps)} warps for {len(volumes)} volumes")
+    matrices = [np.eye(4) if w is None else np.asarray(w, dtype=float) for w in warps]
+    centre = template_center_ras(volumes, matrices)
+    return [template_to_volume(v, m, centre) for v, m in zip(volumes, matrices, strict=True)], list(
+        centre
+    )
+
+
+def train(
+    volumes: list[CtVolume],
+    settings: TrainingSettings,
+    out_dir: Path,
+    *,
+    iterations: int | None = None,
+    base_checkpoint: Path | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+    warps: list[np.ndarray | None] | None = None,
+    start_at_nominal_view: bool = True,
+    log_every: int = 50,
+) -> Path:
+    """Train a pose regressor on DRRs of ``volumes``; returns the final checkpoint's path.
+
+    With ``base_checkpoint`` this is a finetune: the base weights (whose conventions must
+    match ``settings``), ``finetune_lr``, ``finetune_warmup_iterations`` and by default
+    ``finetune_iterations``. ``warps`` optionally give, per volume, the rigid 4×4 mapping
+    template LPS → that CT's LPS (see :mod:`xvr_node.xvr.warp`); the network then learns
+    poses in the template's frame. A de novo network starts out predicting the nominal view
+    (see :meth:`PoseRegressor.start_at`) unless ``start_at_nominal_view`` is false.
+
+    Progress: a log line every ``log_every`` iterations, ``progress`` after every one (it
+    may return ``False`` to stop with a checkpoint). Metrics go to ``out_dir/metrics.jsonl``,
+    checkpoints to ``out_dir/checkpoints/`` every ``checkpoint_every`` iterations and at the
+    end.
+    """
+    if not volumes:
+        raise ValueError("train needs at least one CT volume")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+
+    conventions = Conventions.from_settings(settings)
+    model = _build_model(settings)
+    finetune = base_checkpoint is not None
+    if finetune:
+        base = load_checkpoint(Path(base_checkpoint))
+        problems = base.conventions.mismatches(conventions)
+        differing = [
+            f"{key}: {base.model_config.get(key)!r} vs {value!r}"
+            for key, value in model.config.items()
+            if base.model_config.get(key) != value
+        ]
+        if problems or differing:
+            raise ValueError(
+                f"base model {base_checkpoint} does not fit these settings: "
+                + "; ".join(problems + differing)
+            )
+        model.load_state_dict(base.model)
+        total = iterations or settings.finetune_iterations
+        lr, warmup = settings.finetune_lr, settings.finetune_warmup_iterations
+    else:
+        total = iterations or settings.iterations
+        lr, warmup = settings.lr, settings.warmup_iterations
+
+    voxel_mm = training_voxel_mm(settings)
+    training_volumes = [resample_volume(v, voxel_mm) for v in volumes]
+    if not finetune and start_at_nominal_view:
+        start = nominal_pose(
+            training_volumes[0],
+            settings.pose_ranges,
+            training_intrinsics(settings),
+            settings.orientation,
+            settings.parameterization,
+            settings.convention,
+        )
+        model.start_at(start.pose)
+    reframes, template_centre = _reframes(training_volumes, warps)
+    run = _Run(
+        training_volumes,
+        settings,
+        model,
+        total=total,
+        lr=lr,
+        warmup=warmup,
+        device=device,
+        generator=generator,
+        reframes=reframes,
+    )
+    saved = [
+        _save_volume(v, out_dir / VOLUME_DIR / f"volume_{i:03d}.npz")
+        for i, v in enumerate(training_volumes)
+    ]
+    run_info = {
+        "seed": seed,
+        "volumes": saved,
+        "voxel_mm": voxel_mm,
+        "reframes": [None if r is None else r.tolist() for r in reframes],
+        "template_center_ras": template_centre,
+        "base_checkpoint": str(base_checkpoint) if base_checkpoint else None,
+    }
+    (out_dir / "run.json").write_text(
+        json.dumps(
+            {
+                **run_info,
+                "iterations": total,
+                "lr": lr,
+                "warmup_iterations": warmup,
+                "conventions": conventions.to_json(),
+                "settings": settings.model_dump(mode="json"),
+            },
+            indent=1,
+        )
+    )
+    log.info(
+        "training %s for %d iterations on %d volume(s) (batch %d, %d px, lr %.1e, device %s)",
+        "finetune" if finetune else "de novo",
+        total,
+        len(volumes),
+        settings.batch_size,
+        settings.detector_size_px,
+        lr,
+        device,
+    )
+    return _loop(run, out_dir, run_info, progress, log_every)
+
+
+def finetune(
+    volumes: list[CtVolume],
+    settings: TrainingSettings,
+    out_dir: Path,
+    base_checkpoint: Path,
+    **options: Any,
+) -> Path:
+    """Finetune a base model on one patient's CT (``train`` with ``base_checkpoint``)."""
+    return train(volumes, settings, out_dir, base_checkpoint=base_checkpoint, **options)
+
+
+def restart(
+    checkpoint: Path,
+    out_dir: Path,
+    *,
+    iterations: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: ProgressCallback | None = None,
+    volumes: list[CtVolume] | None = None,
+    log_every: int = 50,
+) -> Path:
+    """Resume a run from ``checkpoint`` exactly where it stopped; returns the final checkpoint.
+
+    Weights, optimiser, scheduler, pending accumulated gradients and every random-number
+    state are restored, so the continued run matches an uninterrupted one. ``iterations``
+    changes the total (and so the cosine schedule); by default the original total is kept.
+    The training volumes are read from the run folder the checkpoint names, unless given.
+    """
+    state = load_checkpoint(Path(checkpoint))
+    info = state.run
+    if volumes is None:
+        volumes = [_load_volume(entry) for entry in info["volumes"]]
+    elif len(volumes) != len(info["volumes"]):
+        raise ValueError(f"the run trained on {len(info['volumes'])} volumes, got {len(volumes)}")
+    total = iterations or state.total_iterations
+    if total < state.iteration:
+        raise ValueError(f"checkpoint is already at iteration {state.iteration} > {total}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator()
+    reframes = [None if r is None else np.asarray(r) for r in info.get("reframes", [])]
+    run = _Run(
+        volumes,
+        state.settings,
+        PoseRegressor(**state.model_config),
+        total=total,
+        lr=info["lr"],
+        warmup=info["warmup_iterations"],
+        device=device,
+        generator=generator,
+        reframes=reframes or [None] * len(volumes),
+    )
+    run.restore(state)
+    if total != state.total_iterations:
+        accumulation = state.settings.gradient_accumulation
+        run.scheduler.lr_lambdas[0].total_steps = math.ceil(total / accumulation)
+    log.info("restarting at iteration %d of %d from %s", state.iteration, total, checkpoint)
+    return _loop(run, out_dir, info, progress, log_every)
+
+
+def measure_throughput(
+    volume: CtVolume,
+    settings: TrainingSettings,
+    iterations: int = 5,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Training speed on this machine: iterations and training DRRs per second.
+
+    One warm-up iteration is not counted. A training DRR is one sampled view: rendered
+    without gradient, augmented, regressed, re-rendered with gradient and back-propagated.
+    """
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    training_volume = resample_volume(volume, training_voxel_mm(settings))
+    model = _build_model(settings)
+    model.start_at(
+        nominal_pose(
+            training_volume,
+            settings.pose_ranges,
+            training_intrinsics(settings),
+            settings.orientation,
+            settings.parameterization,
+            settings.convention,
+        ).pose
+    )
+    run = _Run(
+        [training_volume],
+        settings,
+        model,
+        total=iterations + 1,
+        lr=settings.lr,
+        warmup=settings.warmup_iterations,
+        device=device,
+        generator=generator,
+        reframes=[None],
+    )
+    run.step()
+    views = 0.0
+    started = time.perf_counter()
+    for _ in range(iterations):
+        views += run.step()["kept"] * settings.batch_size
+    elapsed = time.perf_counter() - started
+    return {
+        "it_per_s": iterations / elapsed,
+        "drr_per_s": views / elapsed,
+        "batch_size": settings.batch_size,
+        "image_size": settings.detector_size_px,
+        "seconds": elapsed,
+    }
