@@ -322,6 +322,90 @@ def register_fixed(
     )
 
 
+def _training_options(function):
+    for option in reversed(
+        [
+            click.option(
+                "--volume",
+                "volume_paths",
+                multiple=True,
+                required=True,
+                type=click.Path(exists=True, path_type=Path),
+                help="CT as NIfTI or DICOM folder; repeat for several (pretraining).",
+            ),
+            click.option(
+                "--output", required=True, type=click.Path(path_type=Path, file_okay=False)
+            ),
+            click.option(
+                "--iterations",
+                type=int,
+                default=None,
+                help="Default: training.iterations (de novo) or finetune_iterations.",
+            ),
+            click.option("--device", default="cpu", show_default=True),
+            click.option("--seed", type=int, default=0, show_default=True),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+@cli.command("train")
+@_training_options
+@click.pass_obj
+def train_command(state: CliState, volume_paths, output, iterations, device, seed) -> None:
+    """Train a pose regressor de novo on one or several CTs (training.* settings)."""
+    from xvr_node.xvr.train import train
+
+    settings = state.settings()
+    volumes = [_load_volume(p) for p in volume_paths]
+    checkpoint = train(
+        volumes, settings.training, output, iterations=iterations, device=device, seed=seed
+    )
+    click.echo(f"checkpoint: {checkpoint}")
+
+
+@cli.command("finetune")
+@_training_options
+@click.option(
+    "--base",
+    "base_checkpoint",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+@click.pass_obj
+def finetune_command(
+    state: CliState, volume_paths, output, iterations, device, seed, base_checkpoint
+) -> None:
+    """Finetune a base model on this patient's CT (conventions must match)."""
+    from xvr_node.xvr.train import finetune
+
+    settings = state.settings()
+    volumes = [_load_volume(p) for p in volume_paths]
+    checkpoint = finetune(
+        volumes,
+        settings.training,
+        output,
+        base_checkpoint,
+        iterations=iterations,
+        device=device,
+        seed=seed,
+    )
+    click.echo(f"checkpoint: {checkpoint}")
+
+
+@cli.command("restart")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--output", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--iterations", type=int, default=None, help="New total (default: unchanged).")
+@click.option("--device", default="cpu", show_default=True)
+def restart_command(checkpoint: Path, output: Path, iterations, device) -> None:
+    """Resume training exactly where a checkpoint stopped."""
+    from xvr_node.xvr.train import restart
+
+    click.echo(f"checkpoint: {restart(checkpoint, output, iterations=iterations, device=device)}")
+
+
 @cli.command("evaluate")
 @click.argument("results", type=click.Path(exists=True, path_type=Path))
 @click.argument("truth", type=click.Path(exists=True, dir_okay=False, path_type=Path))

@@ -152,3 +152,39 @@ def test_downsampled_volume_keeps_its_geometry(setup):
     block = volume.voxel_to_lps(np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]]))
     np.testing.assert_allclose(coarse.voxel_to_lps([0, 0, 0])[0], block.mean(axis=0))
     assert coarse.hu[0, 0, 0] == pytest.approx(volume.hu[:2, :2, 0].mean(), rel=1e-5)
+
+
+def test_cli_train_then_restart(small_phantom, tmp_path):
+    env = {
+        "XVR_NODE__TRAINING__BACKBONE": "resnet10t",
+        "XVR_NODE__TRAINING__DETECTOR_SIZE_PX": "32",
+        "XVR_NODE__TRAINING__PIXEL_SPACING_MM": str(2.1764375 * 4),
+        "XVR_NODE__TRAINING__BATCH_SIZE": "2",
+        "XVR_NODE__TRAINING__WARMUP_ITERATIONS": "1",
+        "XVR_NODE__TRAINING__GRADIENT_ACCUMULATION": "1",
+    }
+    runner = CliRunner()
+    trained = runner.invoke(
+        cli,
+        [
+            "train",
+            "--volume",
+            str(small_phantom / "ct"),
+            "--output",
+            str(tmp_path / "run"),
+            "--iterations",
+            "3",
+        ],
+        env=env,
+    )
+    assert trained.exit_code == 0, trained.output
+    checkpoint = trained.output.strip().splitlines()[-1].removeprefix("checkpoint: ")
+    assert checkpoint.endswith(".pt")
+    resumed = runner.invoke(
+        cli,
+        ["restart", checkpoint, "--output", str(tmp_path / "more"), "--iterations", "5"],
+        env=env,
+    )
+    assert resumed.exit_code == 0, resumed.output
+    lines = (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines][-1] == 5
