@@ -149,3 +149,42 @@ def test_a_series_with_a_missing_slice_is_refused_with_the_reason(tmp_path, phan
         assert volume2.state == VolumeState.USABLE, volume2.refusal_reason
         assert volume2.path.endswith("2.nii.gz")
     assert isinstance(Path(store.root), Path)
+
+
+def test_missing_geometry_comes_from_the_learned_or_configured_profile(tmp_path, phantom_dir):
+    from xvr_node.config import load_settings
+    from xvr_node.node import make_receiver
+
+    environ = {
+        "XVR_NODE__STORAGE__ROOT": str(tmp_path / "s"),
+        "XVR_NODE__CARM_PROFILES": '[{"station_name": "MOBILE2", "sid_mm": 1000, '
+        '"pixel_spacing_mm": [0.5, 0.5]}]',
+    }
+    settings = load_settings(None, environ=environ)
+    upgrade(settings.database_url)
+    receiver, _ = make_receiver(settings)
+    first, second = sorted((phantom_dir / "xray").glob("IMG_*.dcm"))[:2]
+    assert receiver.receive(first.read_bytes(), calling_ae="CARM1").ok  # learns the device
+
+    def without_sid(path: Path, **changes) -> bytes:
+        ds = pydicom.dcmread(path)
+        del ds.DistanceSourceToDetector
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        for keyword, value in changes.items():
+            setattr(ds, keyword, value)
+        out = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(out)
+        return out.read_bytes()
+
+    learned = receiver.receive(without_sid(second), calling_ae="CARM1")
+    configured = receiver.receive(without_sid(second, StationName="MOBILE2"), calling_ae="C2")
+    unknown = receiver.receive(without_sid(second, StationName="UNKNOWN"), calling_ae="C3")
+    with receiver.sessions() as session:
+        rows = {i.id: i for i in session.scalars(select(Instance))}
+    expected_sid = pydicom.dcmread(first, stop_before_pixels=True).DistanceSourceToDetector
+    assert rows[learned.instance_id].geometry["sid_source"] == "profile"
+    assert rows[learned.instance_id].geometry["sid_mm"] == pytest.approx(float(expected_sid))
+    assert rows[configured.instance_id].geometry["sid_source"] == "config"
+    assert rows[configured.instance_id].geometry["sid_mm"] == 1000
+    assert rows[unknown.instance_id].usability == "unusable"
+    assert "Distance Source to Detector" in rows[unknown.instance_id].unusable_reason

@@ -391,18 +391,10 @@ class Receiver:
         return Usability.WAITING, "waiting for a CT volume of this patient", geometry
 
     def _fill_from_profiles(self, geometry: XrayGeometry) -> XrayGeometry:
-        manufacturer, model, station, rows, columns = geometry.device_key()
         with self.sessions() as session:
-            learned = session.scalars(
-                select(CarmProfile).where(
-                    CarmProfile.manufacturer == manufacturer,
-                    CarmProfile.model_name == model,
-                    CarmProfile.station_name == station,
-                    CarmProfile.detector_rows == rows,
-                    CarmProfile.detector_columns == columns,
-                    CarmProfile.source == ProfileSource.LEARNED,
-                )
-            ).first()
+            learned = _device_profile(session, geometry)
+            if learned is not None and learned.source != ProfileSource.LEARNED:
+                learned = None
         if learned is not None:
             spacing = None
             if learned.pixel_spacing_row_mm and learned.pixel_spacing_col_mm:
@@ -429,15 +421,7 @@ class Receiver:
             return  # nothing new about this device
         self._learned[geometry.device_key()] = known
         manufacturer, model, station, rows, columns = geometry.device_key()
-        profile = session.scalars(
-            select(CarmProfile).where(
-                CarmProfile.manufacturer == manufacturer,
-                CarmProfile.model_name == model,
-                CarmProfile.station_name == station,
-                CarmProfile.detector_rows == rows,
-                CarmProfile.detector_columns == columns,
-            )
-        ).first()
+        profile = _device_profile(session, geometry)
         if profile is None:
             profile = CarmProfile(
                 manufacturer=manufacturer,
@@ -523,6 +507,20 @@ class Receiver:
                 session.commit()
         except Exception:
             LOG.exception("could not record an ingest event", extra={"event": "record_failed"})
+
+
+def _device_profile(session: Session, geometry: XrayGeometry) -> CarmProfile | None:
+    """The stored profile of the device (manufacturer, model, station, detector size)."""
+    manufacturer, model, station, rows, columns = geometry.device_key()
+    return session.scalars(
+        select(CarmProfile).where(
+            CarmProfile.manufacturer == manufacturer,
+            CarmProfile.model_name == model,
+            CarmProfile.station_name == station,
+            CarmProfile.detector_rows == rows,
+            CarmProfile.detector_columns == columns,
+        )
+    ).first()
 
 
 def newest_usable_volume(session: Session, patient_id: int) -> Volume | None:
