@@ -48,4 +48,10 @@ def test_demo_makes_the_phantom_and_the_catalog(tmp_path, monkeypatch):
     assert len(truth["xrays"]) == 3
     assert (tmp_path / "out/store/catalog.sqlite3").is_file()
     assert f"schema revision {head_revision()}" in result.output
-    assert "CINE_001.dcm" in result.output  # the per-frame table
+    assert "ct: 34 of 34 stored" in result.output  # sent by C-STORE, all acknowledged
+    assert "volume 1: usable" in result.output
+    # The per-frame table: the single frame from the positioner angles, the cine tracked.
+    assert "IMG_000.dcm (dicom)" in result.output
+    assert "CINE_001.dcm#2 (tracking)" in result.output
+    summary = result.output.split("| n |")[1].splitlines()[2]
+    assert summary.startswith("| 3 |")
