@@ -232,6 +232,18 @@ def _with_register_options(function):
     return function
 
 
+def _overlays(volume, written: list[Path], orientation: str) -> None:
+    from xvr_node.xvr.visualize import write_overlays
+
+    for path in write_overlays(volume, written, orientation):
+        click.echo(f"overlay: {path}")
+
+
+_overlay_option = click.option(
+    "--overlay", is_flag=True, help="Also write a PNG of DRR edges over each X-ray."
+)
+
+
 @cli.group("register")
 def register_group() -> None:
     """Register X-ray frames to a CT; one JSON result per frame."""
@@ -239,16 +251,25 @@ def register_group() -> None:
 
 @register_group.command("dicom")
 @_with_register_options
+@_overlay_option
 @click.pass_obj
 def register_dicom(
-    state: CliState, xrays, volume_path, output, scales, orientation, device, no_tracking
+    state: CliState,
+    xrays,
+    volume_path,
+    output,
+    scales,
+    orientation,
+    device,
+    no_tracking,
+    overlay,
 ) -> None:
     """Start from the C-arm's positioner angles and Distance Source to Patient."""
     from xvr_node.xvr.run import register_files, xray_files
 
     volume = _load_volume(volume_path)
     registrar = _registrar(state, volume, scales, orientation, device)
-    register_files(
+    written = register_files(
         volume,
         xray_files(xrays),
         output,
@@ -257,6 +278,8 @@ def register_dicom(
         track=not no_tracking,
         echo=click.echo,
     )
+    if overlay:
+        _overlays(volume, written, registrar.orientation)
 
 
 @register_group.command("fixed")
@@ -319,6 +342,221 @@ def register_fixed(
         fixed,
         track=not no_tracking,
         echo=click.echo,
+    )
+
+
+def _start_matrix(path: Path):
+    """A 4x4 start matrix from JSON: a bare matrix or a result file's final_matrix."""
+    import numpy as np
+
+    from xvr_node.geometry import check_rigid
+
+    data = json.loads(path.read_text())
+    matrix = np.array(data["final_matrix"] if isinstance(data, dict) else data, dtype=float)
+    try:
+        check_rigid(matrix)
+    except ValueError as error:
+        raise click.ClickException(f"{path}: {error}") from error
+    return matrix
+
+
+def _model_initializer(checkpoint: Path | None, device: str):
+    """The checkpoint's network as an initializer; its conventions refused cleanly."""
+    if checkpoint is None:
+        return None
+    from xvr_node.xvr.initialize import ModelInitializer
+
+    try:
+        return ModelInitializer(checkpoint, device)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+
+
+@register_group.command("model")
+@_with_register_options
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Trained pose regressor (train / finetune); its conventions are checked.",
+)
+@_overlay_option
+@click.pass_obj
+def register_model(
+    state: CliState,
+    xrays,
+    volume_path,
+    output,
+    scales,
+    orientation,
+    device,
+    no_tracking,
+    checkpoint,
+    overlay,
+) -> None:
+    """Start from the pose a trained network predicts from the X-ray itself."""
+    from xvr_node.xvr.run import register_files, xray_files
+
+    model = _model_initializer(checkpoint, device)
+    volume = _load_volume(volume_path)
+    registrar = _registrar(state, volume, scales, orientation or model.orientation, device)
+    try:
+        written = register_files(
+            volume,
+            xray_files(xrays),
+            output,
+            registrar,
+            "model",
+            track=not no_tracking,
+            starts=lambda frame: model.matrix_for(frame, volume),
+            echo=click.echo,
+        )
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    if overlay:
+        _overlays(volume, written, registrar.orientation)
+
+
+@register_group.command("multistart")
+@_with_register_options
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Also try this pose regressor's prediction.",
+)
+@click.option("--primary", type=float, default=0.0, show_default=True, help="LAO+/RAO- deg")
+@click.option("--secondary", type=float, default=0.0, show_default=True, help="CRA+/CAU- deg")
+@click.option("--dsp", type=float, default=750.0, show_default=True, help="Source to isocentre, mm")
+@click.option(
+    "--offset",
+    type=float,
+    nargs=3,
+    default=(0.0, 0.0, 0.0),
+    help="Isocentre offset from the CT centre, LPS mm",
+)
+@click.option(
+    "--init-matrix",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="JSON 4x4 image-plane -> CT LPS (or a result file's final_matrix) as the fixed start.",
+)
+@_overlay_option
+@click.pass_obj
+def register_multistart(
+    state: CliState,
+    xrays,
+    volume_path,
+    output,
+    scales,
+    orientation,
+    device,
+    no_tracking,
+    checkpoint,
+    primary,
+    secondary,
+    dsp,
+    offset,
+    init_matrix,
+    overlay,
+) -> None:
+    """Score every start there is (model, DICOM, fixed) at the coarsest scale; refine the best.
+
+    The result's initializer reads "multistart:<chosen>", with every start's score.
+    """
+    import math
+
+    from xvr_node.xvr.initialize import available_starts, best_start
+    from xvr_node.xvr.run import FixedStart, register_files, xray_files
+
+    matrix = None if init_matrix is None else _start_matrix(init_matrix)
+    fixed = FixedStart(primary, secondary, dsp, tuple(offset), 0.0, matrix)
+    model = _model_initializer(checkpoint, device)
+    volume = _load_volume(volume_path)
+    registrar = _registrar(state, volume, scales, orientation, device)
+    chosen: dict[tuple[str, int | None], tuple[str, dict[str, float | None]]] = {}
+
+    def starts(frame):
+        candidates = available_starts(registrar, frame, fixed, model)
+        name, start, scores = best_start(registrar, frame, candidates)
+        shown = {k: (v if math.isfinite(v) else None) for k, v in scores.items()}
+        chosen[(frame.source, frame.frame_number)] = (name, shown)
+        listed = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        click.echo(f"{frame.name}: starts {listed} -> {name}")
+        return start
+
+    try:
+        written = register_files(
+            volume,
+            xray_files(xrays),
+            output,
+            registrar,
+            "multistart",
+            fixed,
+            track=not no_tracking,
+            starts=starts,
+            echo=click.echo,
+        )
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    for path in written:
+        result = json.loads(path.read_text())
+        key = (result["file"], result["frame_number"])
+        if result["initializer"] == "multistart" and key in chosen:
+            name, scores = chosen[key]
+            result["initializer"] = f"multistart:{name}"
+            result["multistart_scores"] = scores
+            path.write_text(json.dumps(result, indent=1))
+    if overlay:
+        _overlays(volume, written, registrar.orientation)
+
+
+@cli.command("animate")
+@click.argument("result", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--volume",
+    "volume_path",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="The CT the result was registered to (NIfTI or DICOM folder).",
+)
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--every", type=click.IntRange(min=1), default=5, show_default=True, help="Iterations/frame."
+)
+@click.option("--device", default="cpu", show_default=True)
+@click.pass_obj
+def animate_command(
+    state: CliState, result: Path, volume_path: Path, output: Path, every: int, device: str
+) -> None:
+    """GIF of a registration: re-run from the result's start with its settings, keeping poses."""
+    import numpy as np
+
+    from xvr_node.xvr.register import RefineSettings, Registrar
+    from xvr_node.xvr.visualize import animate, frame_of_result
+
+    data = json.loads(result.read_text())
+    if not Path(data["file"]).is_file():
+        raise click.ClickException(f"{result}: its X-ray {data['file']} is not there")
+    names = RefineSettings.__dataclass_fields__
+    refine = RefineSettings(
+        **{
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in data.get("settings", {}).items()
+            if key in names
+        }
+    )
+    orientation = data.get("conventions", {}).get("orientation", "PA")
+    volume = _load_volume(volume_path)
+    registrar = Registrar(
+        volume, refine, orientation, device, labels=state.settings().registration.mask_labels
+    )
+    frame = frame_of_result(data)
+    outcome = registrar.register(frame, np.array(data["initial_matrix"]), keep_poses=True)
+    animate(frame, volume, outcome.poses, output, every, orientation)
+    click.echo(
+        f"{output}: {outcome.iterations} iterations, similarity {outcome.similarity:.4f} "
+        f"(result: {data.get('similarity', float('nan')):.4f})"
     )
 
 
@@ -436,6 +674,132 @@ def dcm2nii_command(series: Path, output: Path) -> None:
     write_volume_nifti(assembled, output)
     shape = "x".join(map(str, assembled.volume.hu.shape))
     click.echo(f"{output}: {shape} voxels from {len(files)} files")
+
+
+# --- results export --------------------------------------------------------------------------
+
+
+@cli.group("export")
+def export_group() -> None:
+    """The outbox of result objects for PACS: list, retry, re-send, deliver."""
+
+
+def _export_catalog(state: CliState):
+    """Settings and an open catalog session for the export commands (close the engine after)."""
+    from xvr_node.catalog.db import make_engine, session_factory
+
+    settings = state.settings()
+    engine = make_engine(settings.database_url)
+    return settings, engine, session_factory(engine)()
+
+
+@export_group.command("list")
+@click.option(
+    "--status",
+    type=click.Choice(["pending", "sent", "retrying", "parked"]),
+    default=None,
+    help="Only rows with this status.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def export_list(state: CliState, status: str | None, as_json: bool) -> None:
+    """One line per object and destination: status, attempts, next attempt, last error."""
+    from xvr_node.jobs.export import export_record, list_exports
+
+    _, engine, session = _export_catalog(state)
+    try:
+        records = [export_record(row) for row in list_exports(session, status)]
+    finally:
+        session.close()
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    for r in records:
+        when = r["sent_at"] if r["status"] == "sent" else r["next_attempt_at"]
+        line = (
+            f"{r['id']:>6} {r['status']:<8} {r['object_kind']:<3} {r['destination']} "
+            f"attempts={r['attempts']} {when} {r['sop_instance_uid']}"
+        )
+        click.echo(line + (f"  ({r['last_error']})" if r["last_error"] else ""))
+    click.echo(f"{len(records)} export(s)")
+
+
+@export_group.command("retry")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all", "all_parked", is_flag=True, help="Every parked row.")
+@click.pass_obj
+def export_retry(state: CliState, ids: tuple[int, ...], all_parked: bool) -> None:
+    """Put parked (or waiting) rows back to pending, due now; sent rows need `resend`."""
+    from xvr_node.jobs.export import retry
+
+    if not ids and not all_parked:
+        raise click.UsageError("give export IDS or --all")
+    _, engine, session = _export_catalog(state)
+    try:
+        changed = [row.id for row in retry(session, ids, all_parked=all_parked)]
+    finally:
+        session.close()
+        engine.dispose()
+    _report_requeued("retry", ids, changed, "not found, or already sent (use `export resend`)")
+
+
+@export_group.command("resend")
+@click.argument("ids", nargs=-1, type=int, required=True)
+@click.pass_obj
+def export_resend(state: CliState, ids: tuple[int, ...]) -> None:
+    """Send already delivered rows once more (e.g. the PACS lost them)."""
+    from xvr_node.jobs.export import resend
+
+    _, engine, session = _export_catalog(state)
+    try:
+        changed = [row.id for row in resend(session, ids)]
+    finally:
+        session.close()
+        engine.dispose()
+    _report_requeued("resend", ids, changed, "not found, or not sent yet (use `export retry`)")
+
+
+def _report_requeued(command: str, ids: tuple[int, ...], changed: list[int], why: str) -> None:
+    for missed in sorted(set(ids) - set(changed)):
+        click.echo(f"{command}: export {missed}: {why}", err=True)
+    click.echo(f"{len(changed)} export(s) pending again: {' '.join(map(str, changed)) or '-'}")
+    if set(ids) - set(changed):
+        sys.exit(1)
+
+
+@export_group.command("deliver")
+@click.pass_obj
+def export_deliver(state: CliState) -> None:
+    """Send every due row to its destination now, once, and print what happened."""
+    from xvr_node.catalog.models import utcnow
+    from xvr_node.dicom.scu import client_tls_context
+    from xvr_node.dicom.storage import FileStore
+    from xvr_node.jobs.export import deliver_due
+
+    settings, engine, session = _export_catalog(state)
+    tls = None
+    if any(destination.tls for destination in settings.destinations):
+        tls = client_tls_context(settings.node.tls)
+    try:
+        summary = deliver_due(
+            session,
+            FileStore(settings.storage_root, settings.storage.min_free_bytes),
+            settings.destinations,
+            utcnow(),
+            settings.node.ae_title,
+            timeout_s=settings.node.dimse_timeout_s,
+            tls_context=tls,
+        )
+    finally:
+        session.close()
+        engine.dispose()
+    click.echo(
+        f"due {summary['due']}: sent {summary['sent']}, retrying {summary['retrying']}, "
+        f"parked {summary['parked']}"
+    )
+    for name, counts in summary["destinations"].items():
+        click.echo(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 # --- phantom and demo ----------------------------------------------------------------------
