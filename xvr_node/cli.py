@@ -776,8 +776,10 @@ def export_deliver(state: CliState) -> None:
     from xvr_node.dicom.scu import client_tls_context
     from xvr_node.dicom.storage import FileStore
     from xvr_node.jobs.export import deliver_due
+    from xvr_node.log import configure_logging
 
     settings, engine, session = _export_catalog(state)
+    configure_logging(settings.logging)
     tls = None
     if any(destination.tls for destination in settings.destinations):
         tls = client_tls_context(settings.node.tls)
