@@ -138,12 +138,15 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if len(rows) <= args.xvreg_frames:
-            final, seconds = run_xvreg(
+            final, initial, seconds = run_xvreg(
                 nifti, phantom / record["file"], start, frame, volume.center_ras, xvreg_scales
             )
+            # The start as xvreg received it, read back through our chain: equal to ours
+            # when the two conventions agree.
             reference = {
                 **row,
                 "name": row["name"] + " (xvreg)",
+                "initial_mtre_mm": mean_target_registration_error(initial, true, points),
                 "final_mtre_mm": mean_target_registration_error(final, true, points),
                 "mpe_mm": mean_projection_error(final, true, frame.intrinsics, points),
                 "iterations": None,
