@@ -188,3 +188,36 @@ def test_cli_train_then_restart(small_phantom, tmp_path):
     assert resumed.exit_code == 0, resumed.output
     lines = (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines][-1] == 5
+
+
+def test_registering_a_frame_again_supersedes_the_earlier_result(small_phantom, tmp_path):
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from xvr_node.catalog.db import upgrade
+    from xvr_node.catalog.models import Instance, Registration, Usability, utcnow
+    from xvr_node.config import load_settings
+    from xvr_node.jobs.assemble import queue_stable_series, run_assemble
+    from xvr_node.jobs.register import Registrars, register_instance
+    from xvr_node.node import make_receiver
+
+    settings = load_settings(None, environ={"XVR_NODE__STORAGE__ROOT": str(tmp_path)})
+    upgrade(settings.database_url)
+    receiver, store = make_receiver(settings)
+    for file in sorted((small_phantom / "ct").glob("*.dcm")):
+        assert receiver.receive(file.read_bytes(), calling_ae="PACS").ok
+    xray = receiver.receive((small_phantom / "xray/IMG_000.dcm").read_bytes(), "CARM")
+    with receiver.sessions() as session:
+        (job,) = queue_stable_series(session, utcnow() + timedelta(minutes=1), 30.0)
+        run_assemble(session, store, job.payload["series_id"])
+        assert session.get(Instance, xray.instance_id).usability == Usability.USABLE
+        registrars = Registrars(store, RefineSettings(scales=(2,)))
+        (first,) = register_instance(session, registrars, xray.instance_id)
+        (second,) = register_instance(session, registrars, xray.instance_id)
+        session.expire_all()
+        rows = session.scalars(select(Registration).order_by(Registration.id)).all()
+        assert [r.id for r in rows] == [first.id, second.id]
+        assert rows[0].superseded_by_id == second.id
+        assert rows[1].superseded_by_id is None
+        assert rows[1].initializer == "dicom"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from xvr_node.catalog.models import Initializer, Instance, Registration, Usability, Volume
@@ -38,6 +39,25 @@ class Registrars:
             ct = CtVolume.from_nifti(self.store.absolute(volume.path))
             self._by_volume[volume.id] = Registrar(ct, self.settings, self.orientation, self.device)
         return self._by_volume[volume.id]
+
+
+def _supersede_earlier(session: Session, row: Registration) -> None:
+    """A frame registered again (say with a newer model): earlier results give way to it.
+
+    Their DICOM objects stay in PACS as sent; the catalog says which result is current.
+    """
+    earlier = session.scalars(
+        select(Registration).where(
+            Registration.instance_id == row.instance_id,
+            Registration.frame_index.is_(None)
+            if row.frame_index is None
+            else Registration.frame_index == row.frame_index,
+            Registration.id != row.id,
+            Registration.superseded_by_id.is_(None),
+        )
+    ).all()
+    for previous in earlier:
+        previous.superseded_by_id = row.id
 
 
 def register_instance(
@@ -96,6 +116,8 @@ def register_instance(
             wall_time_s=outcome.wall_time_s,
         )
         session.add(row)
+        session.flush()
+        _supersede_earlier(session, row)
         rows.append(row)
         LOG.info(
             "registered",
