@@ -244,6 +244,50 @@ _overlay_option = click.option(
 )
 
 
+def _fixed_start_options(function):
+    """The options of a user-given start: C-arm angles and offsets, or a matrix file."""
+    for option in reversed(
+        [
+            click.option(
+                "--primary", type=float, default=0.0, show_default=True, help="LAO+/RAO- deg"
+            ),
+            click.option(
+                "--secondary", type=float, default=0.0, show_default=True, help="CRA+/CAU- deg"
+            ),
+            click.option(
+                "--dsp",
+                type=float,
+                default=750.0,
+                show_default=True,
+                help="Source to isocentre, mm",
+            ),
+            click.option(
+                "--offset",
+                type=float,
+                nargs=3,
+                default=(0.0, 0.0, 0.0),
+                help="Isocentre offset from the CT centre, LPS mm",
+            ),
+            click.option(
+                "--init-matrix",
+                type=click.Path(exists=True, path_type=Path),
+                default=None,
+                help="JSON 4x4 image-plane -> CT LPS (or a result file's final_matrix).",
+            ),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+def _fixed_start(primary, secondary, dsp, offset, init_matrix):
+    """The FixedStart the options describe (a matrix file wins over angles)."""
+    from xvr_node.xvr.run import FixedStart
+
+    matrix = None if init_matrix is None else _start_matrix(init_matrix)
+    return FixedStart(primary, secondary, dsp, tuple(offset), 0.0, matrix)
+
+
 @cli.group("register")
 def register_group() -> None:
     """Register X-ray frames to a CT; one JSON result per frame."""
@@ -284,22 +328,7 @@ def register_dicom(
 
 @register_group.command("fixed")
 @_with_register_options
-@click.option("--primary", type=float, default=0.0, show_default=True, help="LAO+/RAO- deg")
-@click.option("--secondary", type=float, default=0.0, show_default=True, help="CRA+/CAU- deg")
-@click.option("--dsp", type=float, default=750.0, show_default=True, help="Source to isocentre, mm")
-@click.option(
-    "--offset",
-    type=float,
-    nargs=3,
-    default=(0.0, 0.0, 0.0),
-    help="Isocentre offset from the CT centre, LPS mm",
-)
-@click.option(
-    "--init-matrix",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="JSON 4x4 image-plane -> CT LPS (or a result file's final_matrix).",
-)
+@_fixed_start_options
 @click.pass_obj
 def register_fixed(
     state: CliState,
@@ -317,20 +346,9 @@ def register_fixed(
     init_matrix,
 ) -> None:
     """Start from a pose you give: angles and offsets, or a matrix."""
-    import numpy as np
+    from xvr_node.xvr.run import register_files, xray_files
 
-    from xvr_node.geometry import check_rigid
-    from xvr_node.xvr.run import FixedStart, register_files, xray_files
-
-    matrix = None
-    if init_matrix is not None:
-        data = json.loads(init_matrix.read_text())
-        matrix = np.array(data["final_matrix"] if isinstance(data, dict) else data, dtype=float)
-        try:
-            check_rigid(matrix)
-        except ValueError as error:
-            raise click.ClickException(f"{init_matrix}: {error}") from error
-    fixed = FixedStart(primary, secondary, dsp, tuple(offset), 0.0, matrix)
+    fixed = _fixed_start(primary, secondary, dsp, offset, init_matrix)
     volume = _load_volume(volume_path)
     registrar = _registrar(state, volume, scales, orientation, device)
     register_files(
@@ -425,22 +443,7 @@ def register_model(
     default=None,
     help="Also try this pose regressor's prediction.",
 )
-@click.option("--primary", type=float, default=0.0, show_default=True, help="LAO+/RAO- deg")
-@click.option("--secondary", type=float, default=0.0, show_default=True, help="CRA+/CAU- deg")
-@click.option("--dsp", type=float, default=750.0, show_default=True, help="Source to isocentre, mm")
-@click.option(
-    "--offset",
-    type=float,
-    nargs=3,
-    default=(0.0, 0.0, 0.0),
-    help="Isocentre offset from the CT centre, LPS mm",
-)
-@click.option(
-    "--init-matrix",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="JSON 4x4 image-plane -> CT LPS (or a result file's final_matrix) as the fixed start.",
-)
+@_fixed_start_options
 @_overlay_option
 @click.pass_obj
 def register_multistart(
@@ -467,10 +470,9 @@ def register_multistart(
     import math
 
     from xvr_node.xvr.initialize import available_starts, best_start
-    from xvr_node.xvr.run import FixedStart, register_files, xray_files
+    from xvr_node.xvr.run import register_files, xray_files
 
-    matrix = None if init_matrix is None else _start_matrix(init_matrix)
-    fixed = FixedStart(primary, secondary, dsp, tuple(offset), 0.0, matrix)
+    fixed = _fixed_start(primary, secondary, dsp, offset, init_matrix)
     model = _model_initializer(checkpoint, device)
     volume = _load_volume(volume_path)
     registrar = _registrar(state, volume, scales, orientation, device)
