@@ -239,6 +239,40 @@ def _overlays(volume, written: list[Path], orientation: str) -> None:
         click.echo(f"overlay: {path}")
 
 
+def _register(
+    volume,
+    registrar,
+    xrays,
+    output,
+    initializer: str,
+    *,
+    no_tracking: bool,
+    overlay: bool,
+    fixed=None,
+    starts=None,
+) -> list[Path]:
+    """What every ``register`` command does once it has its start: run, report, overlay."""
+    from xvr_node.xvr.run import register_files, xray_files
+
+    try:
+        written = register_files(
+            volume,
+            xray_files(xrays),
+            output,
+            registrar,
+            initializer,
+            fixed,
+            track=not no_tracking,
+            starts=starts,
+            echo=click.echo,
+        )
+    except ValueError as error:  # e.g. no positioner angles, conventions refused
+        raise click.ClickException(str(error)) from error
+    if overlay:
+        _overlays(volume, written, registrar.orientation)
+    return written
+
+
 _overlay_option = click.option(
     "--overlay", is_flag=True, help="Also write a PNG of DRR edges over each X-ray."
 )
@@ -309,26 +343,15 @@ def register_dicom(
     overlay,
 ) -> None:
     """Start from the C-arm's positioner angles and Distance Source to Patient."""
-    from xvr_node.xvr.run import register_files, xray_files
-
     volume = _load_volume(volume_path)
     registrar = _registrar(state, volume, scales, orientation, device)
-    written = register_files(
-        volume,
-        xray_files(xrays),
-        output,
-        registrar,
-        "dicom",
-        track=not no_tracking,
-        echo=click.echo,
-    )
-    if overlay:
-        _overlays(volume, written, registrar.orientation)
+    _register(volume, registrar, xrays, output, "dicom", no_tracking=no_tracking, overlay=overlay)
 
 
 @register_group.command("fixed")
 @_with_register_options
 @_fixed_start_options
+@_overlay_option
 @click.pass_obj
 def register_fixed(
     state: CliState,
@@ -344,22 +367,21 @@ def register_fixed(
     dsp,
     offset,
     init_matrix,
+    overlay,
 ) -> None:
     """Start from a pose you give: angles and offsets, or a matrix."""
-    from xvr_node.xvr.run import register_files, xray_files
-
     fixed = _fixed_start(primary, secondary, dsp, offset, init_matrix)
     volume = _load_volume(volume_path)
     registrar = _registrar(state, volume, scales, orientation, device)
-    register_files(
+    _register(
         volume,
-        xray_files(xrays),
-        output,
         registrar,
+        xrays,
+        output,
         "fixed",
-        fixed,
-        track=not no_tracking,
-        echo=click.echo,
+        no_tracking=no_tracking,
+        overlay=overlay,
+        fixed=fixed,
     )
 
 
@@ -413,26 +435,19 @@ def register_model(
     overlay,
 ) -> None:
     """Start from the pose a trained network predicts from the X-ray itself."""
-    from xvr_node.xvr.run import register_files, xray_files
-
     model = _model_initializer(checkpoint, device)
     volume = _load_volume(volume_path)
     registrar = _registrar(state, volume, scales, orientation or model.orientation, device)
-    try:
-        written = register_files(
-            volume,
-            xray_files(xrays),
-            output,
-            registrar,
-            "model",
-            track=not no_tracking,
-            starts=lambda frame: model.matrix_for(frame, volume),
-            echo=click.echo,
-        )
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
-    if overlay:
-        _overlays(volume, written, registrar.orientation)
+    _register(
+        volume,
+        registrar,
+        xrays,
+        output,
+        "model",
+        no_tracking=no_tracking,
+        overlay=overlay,
+        starts=lambda frame: model.matrix_for(frame, volume),
+    )
 
 
 @register_group.command("multistart")
@@ -470,7 +485,6 @@ def register_multistart(
     import math
 
     from xvr_node.xvr.initialize import available_starts, best_start
-    from xvr_node.xvr.run import register_files, xray_files
 
     fixed = _fixed_start(primary, secondary, dsp, offset, init_matrix)
     model = _model_initializer(checkpoint, device)
@@ -487,20 +501,17 @@ def register_multistart(
         click.echo(f"{frame.name}: starts {listed} -> {name}")
         return start
 
-    try:
-        written = register_files(
-            volume,
-            xray_files(xrays),
-            output,
-            registrar,
-            "multistart",
-            fixed,
-            track=not no_tracking,
-            starts=starts,
-            echo=click.echo,
-        )
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
+    written = _register(
+        volume,
+        registrar,
+        xrays,
+        output,
+        "multistart",
+        no_tracking=no_tracking,
+        overlay=overlay,
+        fixed=fixed,
+        starts=starts,
+    )
     for path in written:
         result = json.loads(path.read_text())
         key = (result["file"], result["frame_number"])
@@ -509,8 +520,6 @@ def register_multistart(
             result["initializer"] = f"multistart:{name}"
             result["multistart_scores"] = scores
             path.write_text(json.dumps(result, indent=1))
-    if overlay:
-        _overlays(volume, written, registrar.orientation)
 
 
 @cli.command("animate")
