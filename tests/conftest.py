@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import make_url
 
+from tests.support.postgres import new_postgres_database, running_postgres
+from xvr_node.catalog.db import upgrade
 from xvr_node.phantom import PhantomSpec, build_phantom
 
 
@@ -28,3 +32,18 @@ def phantom_dir(tmp_path_factory) -> Path:
     )
     build_phantom(outdir, spec)
     return outdir
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """One throw-away PostgreSQL server for the whole session."""
+    with running_postgres() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres_template(postgres_url: str) -> Iterator[str]:
+    """Name of a database migrated once to head; copying it is faster than migrating."""
+    with new_postgres_database(postgres_url) as url:
+        upgrade(url)
+        yield make_url(url).database

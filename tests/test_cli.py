@@ -37,21 +37,34 @@ def test_config_show_prints_effective_settings(tmp_path):
     assert json.loads(result.output)["node"]["port"] == 11199
 
 
-def test_demo_makes_the_phantom_and_the_catalog(tmp_path, monkeypatch):
-    small = PhantomSpec(seed=2, frames=1, columns=48, rows=40, multiframe=2, bead=True,
-                        ct_downsample=4)
+def test_demo_runs_the_pipeline_end_to_end(tmp_path, monkeypatch):
+    """The demo's whole path on a tiny phantom: C-STORE → assemble → finetune → register → PACS."""
+    small = PhantomSpec(
+        seed=2, frames=1, columns=48, rows=40, multiframe=2, bead=True, ct_downsample=4
+    )
     monkeypatch.setattr(demo, "DEMO_PHANTOM", small)
     monkeypatch.delenv("XVR_NODE__STORAGE__ROOT", raising=False)
-    result = CliRunner().invoke(cli, ["demo", "--output", str(tmp_path / "out")])
+    monkeypatch.setenv("XVR_NODE__TRAINING__BACKBONE", "resnet10t")
+    monkeypatch.setenv("XVR_NODE__TRAINING__DETECTOR_SIZE_PX", "32")
+    monkeypatch.setenv("XVR_NODE__TRAINING__PIXEL_SPACING_MM", str(2.1764375 * 4))
+    monkeypatch.setenv("XVR_NODE__TRAINING__BATCH_SIZE", "2")
+    monkeypatch.setenv("XVR_NODE__REGISTRATION__SCALES", "[2]")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["demo", "--output", str(out), "--iterations", "3"])
     assert result.exit_code == 0, result.output
-    truth = json.loads((tmp_path / "out/phantom/truth.json").read_text())
+    truth = json.loads((out / "phantom/truth.json").read_text())
     assert len(truth["xrays"]) == 3
-    assert (tmp_path / "out/store/catalog.sqlite3").is_file()
+    assert (out / "store/catalog.sqlite3").is_file()
     assert f"schema revision {head_revision()}" in result.output
     assert "ct: 34 of 34 stored" in result.output  # sent by C-STORE, all acknowledged
     assert "volume 1: usable" in result.output
-    # The per-frame table: the single frame from the positioner angles, the cine tracked.
-    assert "IMG_000.dcm (dicom)" in result.output
+    assert "model 1 v1: ready (models/patient-1/v1/checkpoints/iter_000003.pt)" in result.output
+    assert (out / "store/models/patient-1/v1/checkpoints/iter_000003.pt").is_file()
+    # The per-frame table: multi-start picks a start for each X-ray, the cine is tracked.
+    assert "IMG_000.dcm (multistart: " in result.output
     assert "CINE_001.dcm#2 (tracking)" in result.output
     summary = result.output.split("| n |")[1].splitlines()[2]
     assert summary.startswith("| 3 |")
+    # SRO, SR and SC per frame reached the local PACS, and the overlays are on disk.
+    assert "outbox: 9 sent" in result.output
+    assert len(list((out / "overlays").glob("*.png"))) == 3

@@ -110,9 +110,14 @@ def db_current(state: CliState) -> None:
 
 
 @cli.command("serve")
+@click.option(
+    "--no-worker",
+    is_flag=True,
+    help="Listener and scheduler only; `xvr-node worker` processes run the jobs.",
+)
 @click.pass_obj
-def serve_command(state: CliState) -> None:
-    """Run the node: DICOM listener and scheduler, until SIGTERM."""
+def serve_command(state: CliState, no_worker: bool) -> None:
+    """Run the node: DICOM listener, scheduler and a worker, until SIGTERM."""
     from xvr_node.catalog.db import SchemaOutdatedError
     from xvr_node.log import configure_logging
     from xvr_node.node import Node
@@ -120,7 +125,7 @@ def serve_command(state: CliState) -> None:
     settings = state.settings()
     configure_logging(settings.logging)
     try:
-        Node(settings).run_forever()
+        Node(settings, run_workers=not no_worker).run_forever()
     except SchemaOutdatedError as error:
         click.echo(f"serve: {error}", err=True)
         sys.exit(3)
@@ -129,6 +134,140 @@ def serve_command(state: CliState) -> None:
             f"serve: cannot listen on {settings.node.host}:{settings.node.port}: {error}", err=True
         )
         sys.exit(4)
+
+
+@cli.command("worker")
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    type=click.Choice(["assemble", "finetune", "register", "export", "noop"]),
+    help="Only these job kinds (repeatable); default: all.",
+)
+@click.pass_obj
+def worker_command(state: CliState, kinds: tuple[str, ...]) -> None:
+    """Run jobs only (no listener): more GPUs, or more machines sharing one catalog and store.
+
+    SIGTERM lets the current job finish, or a finetune checkpoint and go back to the queue.
+    """
+    from xvr_node.catalog.db import SchemaOutdatedError
+    from xvr_node.log import configure_logging
+    from xvr_node.worker_process import run_worker_process
+
+    settings = state.settings()
+    configure_logging(settings.logging)
+    try:
+        run_worker_process(settings, list(kinds) or None)
+    except SchemaOutdatedError as error:
+        click.echo(f"worker: {error}", err=True)
+        sys.exit(3)
+
+
+@cli.group("jobs")
+def jobs_group() -> None:
+    """The job queue: list, retry and cancel jobs."""
+
+
+@jobs_group.command("list")
+@click.option(
+    "--status",
+    type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]),
+    default=None,
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["assemble", "finetune", "register", "export", "retention", "noop"]),
+    default=None,
+)
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def jobs_list(state: CliState, status, kind, limit: int, as_json: bool) -> None:
+    """Newest first: id, kind, status, attempts, timings, error."""
+    from xvr_node.jobs.queue import counts_by_status, job_record, list_jobs
+
+    _, engine, session = _catalog(state)
+    try:
+        records = [job_record(job) for job in list_jobs(session, status, kind, limit)]
+        counts = counts_by_status(session)
+    finally:
+        session.close()
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    for r in records:
+        flag = " urgent" if r["urgent"] else ""
+        line = (
+            f"{r['id']:>6} {r['kind']:<9} {r['status']:<9} p{r['priority']:<3}{flag} "
+            f"attempts={r['attempts']}/{r['max_attempts']} created {r['created_at']} "
+            f"{json.dumps(r['payload'], sort_keys=True)}"
+        )
+        if r["lease_owner"]:
+            line += f" on {r['lease_owner']}"
+        click.echo(line + (f"  ({r['error']})" if r["error"] else ""))
+    click.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no jobs")
+
+
+def _change_jobs(state: CliState, ids: tuple[int, ...], change, verb: str) -> None:
+    from xvr_node.catalog.models import utcnow
+
+    _, engine, session = _catalog(state)
+    failed = False
+    try:
+        for job_id in ids:
+            try:
+                job = change(session, job_id, utcnow())
+                click.echo(f"job {job.id}: {job.status}")
+            except (LookupError, ValueError) as error:
+                session.rollback()
+                click.echo(f"{verb}: {error}", err=True)
+                failed = True
+    finally:
+        session.close()
+        engine.dispose()
+    if failed:
+        sys.exit(1)
+
+
+@jobs_group.command("retry")
+@click.argument("ids", nargs=-1, type=int, required=True)
+@click.pass_obj
+def jobs_retry(state: CliState, ids: tuple[int, ...]) -> None:
+    """Queue failed or cancelled jobs again, due now, with a fresh set of attempts."""
+    from xvr_node.jobs.queue import retry
+
+    _change_jobs(state, ids, retry, "retry")
+
+
+@jobs_group.command("cancel")
+@click.argument("ids", nargs=-1, type=int, required=True)
+@click.pass_obj
+def jobs_cancel(state: CliState, ids: tuple[int, ...]) -> None:
+    """Cancel queued or running jobs (a running one stops at its next heartbeat or step)."""
+    from xvr_node.jobs.queue import cancel
+
+    _change_jobs(state, ids, cancel, "cancel")
+
+
+@jobs_group.command("noop")
+@click.argument("count", type=int)
+@click.option("--seconds", type=float, default=0.0, show_default=True)
+@click.pass_obj
+def jobs_noop(state: CliState, count: int, seconds: float) -> None:
+    """Queue COUNT jobs that only wait: checks that workers run, and measures the queue."""
+    from xvr_node.catalog.models import JobKind
+    from xvr_node.jobs.queue import enqueue
+
+    _, engine, session = _catalog(state)
+    try:
+        for _ in range(count):
+            enqueue(session, JobKind.NOOP, {"seconds": seconds})
+        session.commit()
+    finally:
+        session.close()
+        engine.dispose()
+    click.echo(f"{count} noop job(s) queued")
 
 
 @cli.command("import")
@@ -695,8 +834,8 @@ def export_group() -> None:
     """The outbox of result objects for PACS: list, retry, re-send, deliver."""
 
 
-def _export_catalog(state: CliState):
-    """Settings and an open catalog session for the export commands (close the engine after)."""
+def _catalog(state: CliState):
+    """Settings and an open catalog session (close the session and dispose the engine after)."""
     from xvr_node.catalog.db import make_engine, session_factory
 
     settings = state.settings()
@@ -717,7 +856,7 @@ def export_list(state: CliState, status: str | None, as_json: bool) -> None:
     """One line per object and destination: status, attempts, next attempt, last error."""
     from xvr_node.jobs.export import export_record, list_exports
 
-    _, engine, session = _export_catalog(state)
+    _, engine, session = _catalog(state)
     try:
         records = [export_record(row) for row in list_exports(session, status)]
     finally:
@@ -746,7 +885,7 @@ def export_retry(state: CliState, ids: tuple[int, ...], all_parked: bool) -> Non
 
     if not ids and not all_parked:
         raise click.UsageError("give export IDS or --all")
-    _, engine, session = _export_catalog(state)
+    _, engine, session = _catalog(state)
     try:
         changed = [row.id for row in retry(session, ids, all_parked=all_parked)]
     finally:
@@ -762,7 +901,7 @@ def export_resend(state: CliState, ids: tuple[int, ...]) -> None:
     """Send already delivered rows once more (e.g. the PACS lost them)."""
     from xvr_node.jobs.export import resend
 
-    _, engine, session = _export_catalog(state)
+    _, engine, session = _catalog(state)
     try:
         changed = [row.id for row in resend(session, ids)]
     finally:
@@ -784,26 +923,15 @@ def _report_requeued(command: str, ids: tuple[int, ...], changed: list[int], why
 def export_deliver(state: CliState) -> None:
     """Send every due row to its destination now, once, and print what happened."""
     from xvr_node.catalog.models import utcnow
-    from xvr_node.dicom.scu import client_tls_context
     from xvr_node.dicom.storage import FileStore
-    from xvr_node.jobs.export import deliver_due
+    from xvr_node.jobs.export import deliver_configured
     from xvr_node.log import configure_logging
 
-    settings, engine, session = _export_catalog(state)
+    settings, engine, session = _catalog(state)
     configure_logging(settings.logging)
-    tls = None
-    if any(destination.tls for destination in settings.destinations):
-        tls = client_tls_context(settings.node.tls)
     try:
-        summary = deliver_due(
-            session,
-            FileStore(settings.storage_root, settings.storage.min_free_bytes),
-            settings.destinations,
-            utcnow(),
-            settings.node.ae_title,
-            timeout_s=settings.node.dimse_timeout_s,
-            tls_context=tls,
-        )
+        store = FileStore(settings.storage_root, settings.storage.min_free_bytes)
+        summary = deliver_configured(session, store, settings, utcnow())
     finally:
         session.close()
         engine.dispose()
@@ -867,12 +995,32 @@ def phantom_command(outdir: Path, **options) -> None:
     default=Path("demo-output"),
     show_default=True,
 )
+@click.option(
+    "--iterations",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training budget without a base model (default: 300 on CPU, 3000 on a GPU).",
+)
+@click.option(
+    "--keep-running",
+    is_flag=True,
+    help="Leave the node and the PACS running after the table, until Ctrl-C.",
+)
 @click.pass_obj
-def demo_command(state: CliState, output: Path) -> None:
-    """Run the main job on embedded defaults (grows with the project)."""
+def demo_command(state: CliState, output: Path, iterations: int | None, keep_running: bool) -> None:
+    """The main job on embedded defaults: phantom → C-STORE → finetune → register → PACS."""
     from xvr_node.demo import run_demo
 
-    run_demo(output, config_path=state.config_path, echo=click.echo)
+    try:
+        run_demo(
+            output,
+            config_path=state.config_path,
+            echo=click.echo,
+            iterations=iterations,
+            keep_running=keep_running,
+        )
+    except (RuntimeError, TimeoutError) as error:
+        raise click.ClickException(f"demo: {error}") from error
 
 
 def main() -> None:

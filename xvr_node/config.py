@@ -353,6 +353,7 @@ class TrainingSettings(Section):
     checkpoint_every: PositiveInt = 500
     base_model: Path | None = None
     finetune_immediately_when_xray_waiting: bool = True
+    finetune_immediately: bool = False
 
 
 class FixedPose(Section):

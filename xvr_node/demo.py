@@ -1,29 +1,49 @@
-"""``make demo``: the main job on embedded defaults (SQLite, local store, CPU unless a GPU)."""
+"""``make demo``: the main job on embedded defaults (SQLite, local store, CPU unless a GPU).
+
+A phantom patient goes through the whole pipeline as in a hospital: a local PACS starts
+(Orthanc when installed, else a receiving SCP of our own), xvr-node starts with that PACS as
+its destination, the CT and then the fluoroscopy arrive by C-STORE, and the node's own
+scheduler and worker assemble the CT, finetune the patient's model, register every frame
+and send the results to the PACS. Only the training budget and the detector scales are set
+for a quick run; everything else is the defaults.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from PIL import Image
 from pydicom import dcmread
 from pynetdicom import AE
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from xvr_node.catalog.db import current_revision, upgrade
-from xvr_node.catalog.models import Instance, Job, JobKind, JobStatus, Registration, utcnow
-from xvr_node.config import load_settings
+from xvr_node.catalog.models import (
+    Export,
+    ExportStatus,
+    Job,
+    JobKind,
+    JobStatus,
+    ModelState,
+    PoseModel,
+    Registration,
+    Volume,
+)
+from xvr_node.config import Settings, load_settings
 from xvr_node.dicom.receive import STORAGE_SOP_CLASSES
-from xvr_node.jobs.assemble import run_assemble
-from xvr_node.jobs.register import Registrars, register_instance
+from xvr_node.jobs.worker import resolve_device
+from xvr_node.local_pacs import OrthancServer, ReceivingScp, find_orthanc, free_port
 from xvr_node.node import Node
 from xvr_node.phantom import PhantomSpec, build_phantom
 from xvr_node.xvr.metrics import format_table, mean_target_registration_error
-from xvr_node.xvr.register import RefineSettings
 
 DEMO_PHANTOM = PhantomSpec(
     seed=1,
@@ -36,129 +56,250 @@ DEMO_PHANTOM = PhantomSpec(
     flip=True,
     bead=True,
 )
-#: Detector scales for the demo's 192-pixel frames: 48 and 96 pixels.
-DEMO_SCALES = (4.0, 2.0)
+PACS_AET = "DEMOPACS"
+#: Finetuning budget (iterations) when no base model is configured: a few minutes on CPU.
+CPU_TRAINING_ITERATIONS = 300
+GPU_TRAINING_ITERATIONS = 3000
+
+Echo = Callable[[str], None]
 
 
-def run_demo(output: Path, config_path: Path | None, echo: Callable[[str], None]) -> None:
-    """Phantom patient → C-STORE into a running node → assemble → register → table."""
+def demo_environment(output: Path, pacs_port: int, iterations: int | None) -> dict[str, str]:
+    """The demo's overrides of the defaults; anything already in the environment wins."""
+    environ = dict(os.environ)
+    values = {
+        # Everything the demo makes stays under its output folder, on free loopback ports.
+        "XVR_NODE__STORAGE__ROOT": str(output / "store"),
+        "XVR_NODE__NODE__PORT": str(free_port()),
+        "XVR_NODE__SCHEDULER__STABLE_SERIES_SECONDS": "2",
+        "XVR_NODE__SCHEDULER__POLL_INTERVAL_S": "0.5",
+        # The night falls at once: finetune as soon as the CT is assembled.
+        "XVR_NODE__TRAINING__FINETUNE_IMMEDIATELY": "true",
+        # 192-pixel frames: refine at 48 and 96 pixels (the defaults suit ~1000 pixels).
+        "XVR_NODE__REGISTRATION__SCALES": "[4, 2]",
+        # Score every start (the young model, the positioner angles) and refine the best.
+        "XVR_NODE__REGISTRATION__MULTISTART": "true",
+        "XVR_NODE__DESTINATIONS": json.dumps(
+            [{"name": "demo-pacs", "ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs_port}]
+        ),
+    }
+    if iterations is not None:
+        values |= {
+            # A small network on a 64-pixel detector with the default field of view.
+            "XVR_NODE__TRAINING__ITERATIONS": str(iterations),
+            "XVR_NODE__TRAINING__DETECTOR_SIZE_PX": "64",
+            "XVR_NODE__TRAINING__PIXEL_SPACING_MM": str(2.1764375 * 2),
+            "XVR_NODE__TRAINING__BATCH_SIZE": "8",
+            "XVR_NODE__TRAINING__GRADIENT_ACCUMULATION": "1",
+            "XVR_NODE__TRAINING__WARMUP_ITERATIONS": str(max(iterations // 10, 1)),
+            "XVR_NODE__TRAINING__LR": "1e-3",
+            "XVR_NODE__TRAINING__CHECKPOINT_EVERY": str(max(iterations // 4, 1)),
+        }
+    for key, value in values.items():
+        environ.setdefault(key, value)
+    return environ
+
+
+@contextmanager
+def local_pacs(folder: Path, port: int, echo: Echo) -> Iterator[OrthancServer | ReceivingScp]:
+    """Orthanc when installed, else a Storage SCP of our own; stopped afterwards."""
+    binary = find_orthanc()
+    pacs: OrthancServer | ReceivingScp
+    if binary is not None:
+        http_port = free_port()
+        pacs = OrthancServer(folder / "orthanc", binary, PACS_AET, port, http_port)
+        pacs.start()
+        echo(
+            f"      Orthanc as {PACS_AET} on port {port}; web viewer http://127.0.0.1:{http_port}/"
+        )
+    else:
+        pacs = ReceivingScp(folder / "received", PACS_AET, port, _result_sop_classes())
+        pacs.start()
+        echo(f"      no Orthanc here: a receiving SCP as {PACS_AET} on port {port}")
+    try:
+        yield pacs
+    finally:
+        pacs.stop()
+
+
+def _result_sop_classes() -> list[str]:
+    from pydicom.uid import (
+        ComprehensiveSRStorage,
+        SecondaryCaptureImageStorage,
+        SpatialRegistrationStorage,
+    )
+
+    return [SpatialRegistrationStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage]
+
+
+def run_demo(
+    output: Path,
+    config_path: Path | None,
+    echo: Echo,
+    *,
+    iterations: int | None = None,
+    keep_running: bool = False,
+    timeout_s: float = 1800.0,
+) -> dict:
+    """The whole pipeline on a phantom patient; returns the per-frame rows of the table."""
     output = Path(output).resolve()
     started = time.monotonic()
-    environ = dict(os.environ)
-    # Everything the demo makes stays under its output folder, on a free loopback port.
-    environ.setdefault("XVR_NODE__STORAGE__ROOT", str(output / "store"))
-    environ.setdefault("XVR_NODE__NODE__PORT", str(_free_port()))
-    environ.setdefault("XVR_NODE__SCHEDULER__STABLE_SERIES_SECONDS", "2")
-    environ.setdefault("XVR_NODE__SCHEDULER__POLL_INTERVAL_S", "0.5")
-    settings = load_settings(config_path, environ=environ)
+    device = resolve_device(os.environ.get("XVR_NODE__WORKER__DEVICE", "auto"))
+    if iterations is None and load_settings(config_path).training.base_model is None:
+        on_gpu = device.startswith("cuda")
+        iterations = GPU_TRAINING_ITERATIONS if on_gpu else CPU_TRAINING_ITERATIONS
+    pacs_port = free_port()
+    settings = load_settings(config_path, environ=demo_environment(output, pacs_port, iterations))
 
-    echo(f"[1/5] phantom patient -> {output / 'phantom'}")
+    echo(f"[1/6] phantom patient -> {output / 'phantom'}")
     phantom = output / "phantom"
     summary = build_phantom(phantom, DEMO_PHANTOM, progress=lambda line: echo(f"      {line}"))
     echo(f"      {summary.describe()}")
 
-    echo(f"[2/5] catalog -> {settings.database_url_redacted}")
+    echo(f"[2/6] catalog -> {settings.database_url_redacted}")
     settings.ensure_storage_root()
     upgrade(settings.database_url)
     echo(f"      schema revision {current_revision(settings.database_url)}")
 
-    node = Node(settings)
-    node.start()
-    try:
-        echo(
-            f"[3/5] xvr-node listening as {settings.node.ae_title} on port "
-            f"{settings.node.port}; sending the CT, then the fluoroscopy, by C-STORE"
-        )
-        for folder in ("ct", "xray"):
-            files = sorted((phantom / folder).glob("*.dcm"))
-            statuses = _send(settings.node.port, settings.node.ae_title, files)
-            failed = [f.name for f, s in zip(files, statuses, strict=True) if s != 0]
+    echo("[3/6] local PACS")
+    with local_pacs(output / "pacs", pacs_port, echo) as pacs:
+        node = Node(settings)
+        node.start()
+        try:
             echo(
-                f"      {folder}: {len(files) - len(failed)} of {len(files)} stored"
-                + (f"; failed: {', '.join(failed)}" if failed else "")
+                f"      xvr-node listening as {settings.node.ae_title} on port "
+                f"{settings.node.port}, worker on {device}"
             )
-
-        echo("[4/5] waiting for the CT series to be complete, then assembling it")
-        with node.receiver.sessions() as session:
-            job = _wait_for_assemble_job(session, timeout_s=60)
-            job.status, job.started_at = JobStatus.RUNNING, utcnow()
-            session.commit()
-            volume = run_assemble(session, node.receiver.store, job.payload["series_id"])
-            job.status, job.finished_at = JobStatus.SUCCEEDED, utcnow()
-            job.result = {"volume_id": volume.id, "state": volume.state}
-            session.commit()
-            echo(
-                f"      volume {volume.id}: {volume.state} "
-                f"{'x'.join(map(str, volume.shape or []))} {volume.refusal_reason or ''}"
-            )
-
-            echo("[5/5] registering every frame (DICOM positioner angles, then refinement)")
-            registrars = Registrars(
-                node.receiver.store,
-                RefineSettings(scales=DEMO_SCALES),
-                settings.training.orientation,
-            )
-            xrays = session.scalars(
-                select(Instance).where(Instance.usability == "usable").order_by(Instance.id)
-            ).all()
-            for instance in xrays:
-                rows = register_instance(session, registrars, instance.id)
-                echo(
-                    f"      {Path(instance.path).name[:24]}…: {len(rows)} frame(s), "
-                    f"{sum(r.wall_time_s for r in rows):.1f} s"
-                )
+            rows = _pipeline(node, settings, phantom, echo, started + timeout_s)
+            _write_overlays(node, output / "overlays", echo)
             echo("")
-            echo(_truth_table(session, phantom))
-    finally:
-        node.stop()
-    echo("")
-    echo(f"done in {time.monotonic() - started:.0f} s. Look at:")
-    echo(f"  {phantom / 'xray'}   the fluoroscopy as the C-arm sent it (any DICOM viewer)")
-    echo(f"  {phantom / 'truth.json'}   the true poses the table is measured against")
-    echo(f"  {settings.storage_root}   the node's store and catalog (xvr-node status)")
-    echo(
-        "Overnight finetuning, results back to PACS and the job runner join this demo "
-        "as the pipeline grows."
-    )
+            echo(format_table(rows))
+            echo("")
+            _where_to_look(node, settings, pacs, phantom, output, echo)
+            echo(f"done in {time.monotonic() - started:.0f} s.")
+            if keep_running:
+                echo("node and PACS keep running; press Ctrl-C to stop them.")
+                _wait_for_interrupt()
+        finally:
+            node.stop()
+    return {"rows": rows}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _pipeline(node: Node, settings: Settings, phantom: Path, echo: Echo, deadline: float) -> list:
+    sessions = node.receiver.sessions
+    echo("[4/6] the CT arrives by C-STORE; the node assembles it and finetunes the patient's model")
+    _send_folder(settings, phantom / "ct", echo)
+    with sessions() as session:
+        volume = _wait(session, deadline, "the CT volume", lambda: _volume(session))
+        echo(
+            f"      volume {volume.id}: {volume.state} "
+            f"{'x'.join(map(str, volume.shape or []))} {volume.refusal_reason or ''}"
+        )
+        if volume.refusal_reason:
+            raise RuntimeError(f"the CT was refused: {volume.refusal_reason}")
+        model = _wait_for_model(session, node, deadline, echo)
+        echo(f"      model {model.id} v{model.version}: {model.state} ({model.path})")
+
+    echo("[5/6] the fluoroscopy arrives by C-STORE; every frame is registered and exported")
+    _send_folder(settings, phantom / "xray", echo)
+    truth = json.loads((phantom / "truth.json").read_text())
+    expected = len(truth["xrays"])
+    with sessions() as session:
+
+        def finished() -> bool:
+            session.expire_all()
+            registered = session.scalar(select(func.count(Registration.id))) or 0
+            busy = session.scalar(
+                select(func.count(Job.id)).where(
+                    Job.kind.in_([JobKind.REGISTER, JobKind.EXPORT]),
+                    Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+                )
+            )
+            return registered >= expected and busy == 0
+
+        last = -1
+
+        def progress() -> bool:
+            nonlocal last
+            done = session.scalar(select(func.count(Registration.id))) or 0
+            if done != last:
+                echo(f"      {done} of {expected} frames registered")
+                last = done
+            return finished()
+
+        _wait(session, deadline, "the registrations", lambda: progress() or None, poll_s=1.0)
+        exports = session.execute(select(Export.status, func.count()).group_by(Export.status)).all()
+        echo("      outbox: " + ", ".join(f"{n} {status}" for status, n in exports))
+        failed = session.scalars(select(Job).where(Job.status == JobStatus.FAILED)).all()
+        for job in failed:
+            echo(f"      job {job.id} ({job.kind}) failed: {job.error}")
+        echo("[6/6] results against the phantom's truth")
+        return _truth_rows(session, truth)
 
 
-def _send(port: int, called: str, files: list[Path]) -> list[int]:
+def _volume(session: Session) -> Volume | None:
+    session.expire_all()
+    return session.scalars(select(Volume).order_by(Volume.id.desc())).first()
+
+
+def _wait_for_model(session: Session, node: Node, deadline: float, echo: Echo) -> PoseModel:
+    """Until the finetune job ends; a training line every ~15 s meanwhile."""
+    last_line = 0.0
+    while time.monotonic() < deadline:
+        session.expire_all()
+        job = session.scalars(select(Job).where(Job.kind == JobKind.FINETUNE)).first()
+        model = session.scalars(select(PoseModel).where(PoseModel.patient_id.is_not(None))).first()
+        if job is not None and job.status == JobStatus.FAILED:
+            raise RuntimeError(f"finetuning failed: {job.error}")
+        if model is not None and model.state == ModelState.READY:
+            return model
+        if model is not None and time.monotonic() - last_line > 15:
+            metrics = node.store.root / model.path / "metrics.jsonl"
+            if metrics.is_file() and (lines := metrics.read_text().splitlines()):
+                record = json.loads(lines[-1])
+                training = node.settings.training
+                total = training.finetune_iterations if model.base_model_id else training.iterations
+                echo(
+                    f"      finetune {record['iteration']}/{total}: loss {record['loss']:.3f}, "
+                    f"{record['elapsed_s']:.0f} s"
+                )
+                last_line = time.monotonic()
+        time.sleep(1.0)
+    raise TimeoutError("finetuning did not finish in time")
+
+
+def _wait(session: Session, deadline: float, what: str, probe, poll_s: float = 0.5):
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(poll_s)
+        session.expire_all()
+    raise TimeoutError(f"waited too long for {what}")
+
+
+def _send_folder(settings: Settings, folder: Path, echo: Echo) -> None:
     """C-STORE the files in one association, as a C-arm or PACS would."""
+    files = sorted(folder.glob("*.dcm"))
     ae = AE(ae_title="DEMOCARM")
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_requested_context(sop_class)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = ae.associate("127.0.0.1", settings.node.port, ae_title=settings.node.ae_title)
     if not assoc.is_established:
         raise RuntimeError("the node refused the demo's association")
     try:
-        return [int(assoc.send_c_store(dcmread(f)).Status) for f in files]
+        statuses = [int(assoc.send_c_store(dcmread(f)).Status) for f in files]
     finally:
         assoc.release()
+    failed = [f.name for f, s in zip(files, statuses, strict=True) if s != 0]
+    echo(
+        f"      {folder.name}: {len(files) - len(failed)} of {len(files)} stored"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
 
 
-def _wait_for_assemble_job(session, timeout_s: float) -> Job:
-    """The scheduler queues assembly once the series is quiet; wait for that job."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = session.scalars(
-            select(Job).where(Job.kind == JobKind.ASSEMBLE, Job.status == JobStatus.QUEUED)
-        ).first()
-        if job is not None:
-            return job
-        time.sleep(0.5)
-        session.expire_all()
-    raise TimeoutError("no assemble job was queued: is the CT series complete?")
-
-
-def _truth_table(session, phantom: Path) -> str:
-    """Per frame: initializer, initial and final mTRE against the phantom's truth, time."""
-    truth = json.loads((phantom / "truth.json").read_text())
+def _truth_rows(session: Session, truth: dict) -> list[dict]:
+    """Per frame: start used, initial and final mTRE against the phantom's truth, time."""
     records = {(r["sop_instance_uid"], r["frame_number"]): r for r in truth["xrays"]}
     rows = []
     for registration in session.scalars(select(Registration).order_by(Registration.id)):
@@ -168,9 +309,13 @@ def _truth_table(session, phantom: Path) -> str:
         true = np.array(record["matrix"])
         points = np.array(record["fiducials_lps"])
         name = Path(record["file"]).name + (f"#{frame}" if record["number_of_frames"] > 1 else "")
+        start = str(registration.initializer)
+        chosen = (registration.metrics or {}).get("start_scores", {}).get("chosen")
+        if chosen:
+            start = f"{start}: {chosen}"
         rows.append(
             {
-                "name": f"{name} ({registration.initializer})",
+                "name": f"{name} ({start})",
                 "initial_mtre_mm": mean_target_registration_error(
                     np.array(registration.initial_matrix), true, points
                 ),
@@ -181,4 +326,45 @@ def _truth_table(session, phantom: Path) -> str:
                 "seconds": registration.wall_time_s,
             }
         )
-    return format_table(rows)
+    return rows
+
+
+def _write_overlays(node: Node, folder: Path, echo: Echo) -> None:
+    """The Secondary Captures the PACS received, as PNG files for a quick look."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with node.receiver.sessions() as session:
+        paths = session.scalars(
+            select(Export.path).where(Export.object_kind == "sc").distinct()
+        ).all()
+    for relative in paths:
+        ds = pydicom.dcmread(node.store.absolute(relative))
+        name = f"{ds.SOPInstanceUID[-12:]}-{int(ds.InstanceNumber):03d}.png"
+        Image.fromarray(ds.pixel_array).save(folder / name)
+    echo(f"      {len(paths)} overlay picture(s) -> {folder}")
+
+
+def _where_to_look(node, settings, pacs, phantom: Path, output: Path, echo: Echo) -> None:
+    with node.receiver.sessions() as session:
+        sent = session.scalar(
+            select(func.count(Export.id)).where(Export.status == ExportStatus.SENT)
+        )
+    echo("Look at:")
+    echo(f"  {output / 'overlays'}   the registered CT's outline on each X-ray (PNG)")
+    if isinstance(pacs, OrthancServer):
+        echo(
+            f"  the PACS study: {sent} result object(s) in Orthanc "
+            f"({pacs.root / 'storage'}; web viewer while it runs, see --keep-running)"
+        )
+    else:
+        echo(f"  {pacs.folder}   the {sent} result object(s) the PACS received (any DICOM viewer)")
+    echo(f"  {phantom / 'xray'}   the fluoroscopy as the C-arm sent it")
+    echo(f"  {phantom / 'truth.json'}   the true poses the table is measured against")
+    echo(f"  {settings.storage_root}   the node's store and catalog (xvr-node status, jobs list)")
+
+
+def _wait_for_interrupt() -> None:
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass

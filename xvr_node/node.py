@@ -5,20 +5,30 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import func, select
 
 from xvr_node.catalog.db import make_engine, require_current_schema, session_factory
-from xvr_node.catalog.models import IngestEventKind, utcnow
+from xvr_node.catalog.models import IngestEventKind, Job, JobKind, JobStatus, utcnow
 from xvr_node.config import Settings
 from xvr_node.dicom.receive import CarmFallback, Receiver
 from xvr_node.dicom.scp import build_ae, handlers, tls_context
 from xvr_node.dicom.storage import FileStore
 from xvr_node.jobs.assemble import queue_stable_series
+from xvr_node.jobs.export import deliver_configured
+from xvr_node.jobs.pipeline import Pipeline
+from xvr_node.jobs.triggers import queue_missing_finetunes
+from xvr_node.jobs.worker import resolve_device, start_workers
 
 LOG = logging.getLogger(__name__)
+
+DELIVERY_COUNTS = ("due", "sent", "retrying", "parked")
 
 
 def make_receiver(settings: Settings) -> tuple[Receiver, FileStore]:
@@ -44,17 +54,25 @@ def make_receiver(settings: Settings) -> tuple[Receiver, FileStore]:
 
 @dataclass
 class Node:
-    """``xvr-node serve``: start, run until told to stop, stop cleanly."""
+    """``xvr-node serve``: listener, scheduler and (by default) workers; stops cleanly.
+
+    ``clock`` is what the scheduler's checks and the workers take as "now" (tests move it).
+    """
 
     settings: Settings
+    run_workers: bool = True
+    clock: Callable[[], datetime] = utcnow
     server: ThreadedAssociationServer | None = None
     scheduler: BackgroundScheduler | None = None
     stopped: threading.Event = field(default_factory=threading.Event)
+    stopping_workers: threading.Event = field(default_factory=threading.Event)
+    workers: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> None:
         settings = self.settings
         receiver, store = make_receiver(settings)
         self.receiver = receiver
+        self.store = store
         leftovers = store.discard_partial_files()
         if leftovers:
             LOG.warning(
@@ -91,7 +109,37 @@ class Node:
             max_instances=1,
             coalesce=True,
         )
+        self.scheduler.add_job(
+            self.deliver_due_results,
+            "interval",
+            seconds=settings.scheduler.poll_interval_s,
+            id="deliver-due",
+            max_instances=1,
+            coalesce=True,
+        )
+        window = settings.scheduler.overnight_window
+        self.scheduler.add_job(
+            self.open_overnight_window,
+            CronTrigger(
+                hour=window.start_time.hour,
+                minute=window.start_time.minute,
+                timezone=settings.scheduler.zone,
+            ),
+            id="overnight-window",
+            max_instances=1,
+            coalesce=True,
+        )
         self.scheduler.start()
+        if self.run_workers:
+            device = resolve_device(settings.worker.device)
+            self.pipeline = Pipeline(settings, store, device)
+            self.workers = start_workers(
+                settings,
+                receiver.sessions,
+                self.pipeline.handlers(),
+                self.stopping_workers,
+                clock=self.clock,
+            )
         LOG.info(
             "listening",
             extra={
@@ -105,7 +153,35 @@ class Node:
 
     def check_stable_series(self) -> None:
         with self.receiver.sessions() as session:
-            queue_stable_series(session, utcnow(), self.settings.scheduler.stable_series_seconds)
+            queue_stable_series(
+                session, self.clock(), self.settings.scheduler.stable_series_seconds
+            )
+
+    def deliver_due_results(self) -> None:
+        """Retry results a PACS did not take yet (the outbox backs off per row)."""
+        if not self.settings.destinations:
+            return
+        with self.receiver.sessions() as session:
+            summary = deliver_configured(session, self.store, self.settings, self.clock())
+        if summary["due"]:
+            LOG.info(
+                "delivered due results",
+                extra={"event": "deliver_due", **{k: summary[k] for k in DELIVERY_COUNTS}},
+            )
+
+    def open_overnight_window(self) -> None:
+        """The window opens: finetunes wait no longer; volumes left without one get it."""
+        with self.receiver.sessions() as session:
+            queued = queue_missing_finetunes(session)
+            waiting = session.scalar(
+                select(func.count(Job.id)).where(
+                    Job.kind == JobKind.FINETUNE, Job.status == JobStatus.QUEUED
+                )
+            )
+        LOG.info(
+            "overnight window open",
+            extra={"event": "window_open", "finetunes_waiting": waiting, "added": len(queued)},
+        )
 
     def run_forever(self) -> None:
         """Serve until SIGTERM or SIGINT; then stop accepting and finish cleanly."""
@@ -116,8 +192,12 @@ class Node:
         self.stop()
 
     def stop(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.shutdown(wait=False)
+        """Stop listening, let workers finish or re-queue their job, then stop the clock."""
         if self.server is not None:
             self.server.shutdown()
+        self.stopping_workers.set()
+        for thread in self.workers:
+            thread.join()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
         LOG.info("stopped", extra={"event": "stopped"})

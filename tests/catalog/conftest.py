@@ -2,56 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
-import uuid
 from collections.abc import Iterator
 
-import psycopg
 import pytest
-from sqlalchemy import Engine, make_url
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from tests.support.postgres import running_postgres
+from tests.support.postgres import new_postgres_database
 from xvr_node.catalog.db import make_engine, session_factory, upgrade
 from xvr_node.catalog.models import Patient, Series, SeriesState, Study
 
 BACKENDS = ["sqlite", "postgresql"]
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """One throw-away PostgreSQL server for the whole session."""
-    with running_postgres() as url:
-        yield url
-
-
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-@contextlib.contextmanager
-def new_postgres_database(server_url: str, template: str | None = None) -> Iterator[str]:
-    """A new database on the test server (a copy of ``template`` if given), dropped after."""
-    server = make_url(server_url)
-    name = f"catalog_{uuid.uuid4().hex[:12]}"
-    copy = f" TEMPLATE {template} STRATEGY FILE_COPY" if template else ""
-    admin = f"host={server.host} port={server.port} user={server.username} dbname=postgres"
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f"CREATE DATABASE {name}{copy}")
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as connection:
-            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-@pytest.fixture(scope="session")
-def migrated_postgres_template(postgres_url: str) -> Iterator[str]:
-    """Name of a database migrated once to head; copying it is faster than migrating."""
-    with new_postgres_database(postgres_url) as url:
-        upgrade(url)
-        yield make_url(url).database
 
 
 @pytest.fixture

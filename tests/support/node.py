@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.tools import require_tool
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from xvr_node.local_pacs import free_port as free_port  # re-exported for the tests
 
 
 @dataclass

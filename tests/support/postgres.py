@@ -13,11 +13,13 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy import make_url
 
 from tests.support.tools import in_ci, require_tool
 
@@ -137,3 +139,19 @@ def running_postgres() -> Iterator[str]:
         if started:
             _stop(as_user, pg_ctl, data, root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def new_postgres_database(server_url: str, template: str | None = None) -> Iterator[str]:
+    """A new database on the test server (a copy of ``template`` if given), dropped after."""
+    server = make_url(server_url)
+    name = f"catalog_{uuid.uuid4().hex[:12]}"
+    copy = f" TEMPLATE {template} STRATEGY FILE_COPY" if template else ""
+    admin = f"host={server.host} port={server.port} user={server.username} dbname=postgres"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}{copy}")
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

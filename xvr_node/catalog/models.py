@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
     text,
 )
@@ -397,6 +398,8 @@ class Job(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     priority: Mapped[int] = mapped_column(default=0, server_default="0")  # higher runs first
+    # A finetune that may start outside the overnight window (an X-ray is waiting for it).
+    urgent: Mapped[bool] = mapped_column(default=False, server_default=false())
     attempts: Mapped[int] = mapped_column(default=0, server_default="0")
     max_attempts: Mapped[int] = mapped_column(default=3, server_default="3")
     next_attempt_at: Mapped[datetime] = mapped_column(

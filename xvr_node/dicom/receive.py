@@ -35,6 +35,7 @@ from xvr_node.catalog.models import (
     utcnow,
 )
 from xvr_node.dicom.storage import FileStore, StorageFullError, StoredFile, is_valid_uid
+from xvr_node.jobs.triggers import queue_register
 from xvr_node.xray_geometry import (
     XRAY_SOP_CLASSES,
     XrayGeometry,
@@ -341,6 +342,9 @@ class Receiver:
             linked_volume_id=linked_volume_id,
         )
         session.add(instance)
+        if usability == Usability.USABLE:
+            session.flush()
+            queue_register(session, instance.id)
         session.execute(
             update(Series)
             .where(Series.id == series_id)
@@ -532,7 +536,7 @@ def newest_usable_volume(session: Session, patient_id: int) -> Volume | None:
     ).first()
 
 
-def link_waiting_xrays(session: Session, patient_id: int, volume: Volume) -> int:
+def link_waiting_xrays(session: Session, patient_id: int, volume: Volume) -> list[Instance]:
     """Link a patient's waiting X-rays to a volume that just became usable."""
     waiting = session.scalars(
         select(Instance)
@@ -544,7 +548,7 @@ def link_waiting_xrays(session: Session, patient_id: int, volume: Volume) -> int
         instance.usability = Usability.USABLE
         instance.unusable_reason = None
         instance.linked_volume = volume
-    return len(waiting)
+    return list(waiting)
 
 
 def count_instances(session: Session) -> int:

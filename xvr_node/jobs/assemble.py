@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
 
@@ -27,11 +28,10 @@ from xvr_node.dicom.volume import (
     read_series_files,
     write_volume_nifti,
 )
+from xvr_node.jobs.queue import enqueue
+from xvr_node.jobs.triggers import queue_finetune, queue_register, xrays_waiting
 
 LOG = logging.getLogger(__name__)
-
-#: Register > export > assemble > finetune (DESIGN.md §2).
-ASSEMBLE_PRIORITY = 50
 
 
 def queue_stable_series(session: Session, now: datetime, stable_seconds: float) -> list[Job]:
@@ -51,14 +51,7 @@ def queue_stable_series(session: Session, now: datetime, stable_seconds: float) 
         key = f"assemble:series:{series.id}:{series.instance_count}"
         if session.scalar(select(Job.id).where(Job.dedupe_key == key)) is not None:
             continue
-        job = Job(
-            kind=JobKind.ASSEMBLE,
-            payload={"series_id": series.id},
-            priority=ASSEMBLE_PRIORITY,
-            dedupe_key=key,
-        )
-        session.add(job)
-        jobs.append(job)
+        jobs.append(enqueue(session, JobKind.ASSEMBLE, {"series_id": series.id}, dedupe_key=key))
     session.commit()
     for job in jobs:
         LOG.info(
@@ -68,22 +61,38 @@ def queue_stable_series(session: Session, now: datetime, stable_seconds: float) 
     return jobs
 
 
-def run_assemble(session: Session, store: FileStore, series_id: int) -> Volume:
-    """Assemble a series into a volume (usable or refused with a reason) and link X-rays."""
-    series = session.get(Series, series_id)
-    if series is None:
-        raise LookupError(f"series {series_id} is not in the catalog")
+def latest_versions(instances: Iterable[Instance]) -> list[Instance]:
+    """Each SOP instance once: its newest version (a resent slice replaces the old one)."""
     latest: dict[str, Instance] = {}
-    for instance in series.instances:
+    for instance in instances:
         current = latest.get(instance.sop_instance_uid)
         if current is None or instance.version > current.version:
             latest[instance.sop_instance_uid] = instance
+    return list(latest.values())
+
+
+def run_assemble(
+    session: Session,
+    store: FileStore,
+    series_id: int,
+    finetune_urgent: Callable[[bool], bool] = lambda xrays_waiting: xrays_waiting,
+) -> Volume:
+    """Assemble a series into a volume (usable or refused with a reason) and link X-rays.
+
+    A usable volume queues, in the same commit, a register job per X-ray it links and a
+    finetune job for the patient; ``finetune_urgent(xrays_waiting)`` says whether that
+    finetune may start outside the overnight window.
+    """
+    series = session.get(Series, series_id)
+    if series is None:
+        raise LookupError(f"series {series_id} is not in the catalog")
+    latest = latest_versions(series.instances)
     patient_id = series.study.patient_id
     number = len(series.volumes) + 1
     volume = Volume(series=series, patient_id=patient_id, state=VolumeState.REFUSED)
     session.add(volume)
     try:
-        datasets = read_series_files(store.absolute(i.path) for i in latest.values())
+        datasets = read_series_files(store.absolute(i.path) for i in latest)
         assembled = assemble_volume(datasets)
     except VolumeRefusedError as refused:
         volume.refusal_reason = refused.reason
@@ -107,7 +116,11 @@ def run_assemble(session: Session, store: FileStore, series_id: int) -> Volume:
     volume.state = VolumeState.USABLE
     series.state = SeriesState.ASSEMBLED
     session.flush()
+    waiting = xrays_waiting(session, patient_id)
     linked = link_waiting_xrays(session, patient_id, volume)
+    for instance in linked:
+        queue_register(session, instance.id)
+    queue_finetune(session, volume, urgent=finetune_urgent(waiting))
     session.commit()
     LOG.info(
         "volume assembled",
@@ -115,7 +128,7 @@ def run_assemble(session: Session, store: FileStore, series_id: int) -> Volume:
             "event": "volume_ok",
             "series": series_id,
             "volume": volume.id,
-            "linked_xrays": linked,
+            "linked_xrays": len(linked),
         },
     )
     return volume

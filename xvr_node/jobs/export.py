@@ -16,7 +16,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from xvr_node.catalog.models import Export, ExportKind, ExportStatus, utcnow
-from xvr_node.config import Destination
+from xvr_node.config import Destination, Settings
 from xvr_node.dicom import scu
 from xvr_node.dicom.storage import FileStore, is_valid_uid
 
@@ -166,6 +166,24 @@ def deliver_due(
         for key, value in counts.items():
             summary[key] += value
     return summary
+
+
+def deliver_configured(
+    session: Session, store: FileStore, settings: Settings, now: datetime
+) -> dict[str, Any]:
+    """:func:`deliver_due` to the configured destinations, as the node's AE, with its TLS."""
+    tls = None
+    if any(destination.tls for destination in settings.destinations):
+        tls = scu.client_tls_context(settings.node.tls)
+    return deliver_due(
+        session,
+        store,
+        settings.destinations,
+        now,
+        settings.node.ae_title,
+        timeout_s=settings.node.dimse_timeout_s,
+        tls_context=tls,
+    )
 
 
 def _claim(session: Session, ids: list[int], now: datetime, until: datetime) -> list[Export]:

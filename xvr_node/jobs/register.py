@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from xvr_node.catalog.models import Initializer, Instance, Registration, Usability, Volume
+from xvr_node.config import RegistrationSettings
 from xvr_node.ct_volume import CtVolume
 from xvr_node.dicom.storage import FileStore
 from xvr_node.geometry import reverse_x_axis_for
+from xvr_node.xvr.initialize import ModelInitializer, best_start
 from xvr_node.xvr.register import RefineSettings, Registrar
-from xvr_node.xvr.xray import read_xray_frames
+from xvr_node.xvr.run import FixedStart, initial_matrix
+from xvr_node.xvr.xray import XrayFrame, read_xray_frames
 
 LOG = logging.getLogger(__name__)
 
@@ -27,18 +34,24 @@ class Registrars:
         settings: RefineSettings,
         orientation: str = "PA",
         device: str = "cpu",
+        labels: list[int] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.orientation = orientation
         self.device = device
+        self.labels = labels
         self._by_volume: dict[int, Registrar] = {}
+        self._lock = threading.Lock()
 
     def for_volume(self, volume: Volume) -> Registrar:
-        if volume.id not in self._by_volume:
-            ct = CtVolume.from_nifti(self.store.absolute(volume.path))
-            self._by_volume[volume.id] = Registrar(ct, self.settings, self.orientation, self.device)
-        return self._by_volume[volume.id]
+        with self._lock:
+            if volume.id not in self._by_volume:
+                ct = CtVolume.from_nifti(self.store.absolute(volume.path))
+                self._by_volume[volume.id] = Registrar(
+                    ct, self.settings, self.orientation, self.device, labels=self.labels
+                )
+            return self._by_volume[volume.id]
 
 
 def _supersede_earlier(session: Session, row: Registration) -> None:
@@ -60,14 +73,75 @@ def _supersede_earlier(session: Session, row: Registration) -> None:
         previous.superseded_by_id = row.id
 
 
+@dataclass
+class StartPolicy:
+    """Where a frame's pose search starts (XVR.md "Initialise"; config ``registration``).
+
+    ``order`` is tried first to last — the patient's model, the C-arm's positioner angles,
+    the configured fixed pose — and the first that applies wins; with ``multistart`` every
+    applicable start is scored on the X-ray and the best one is refined. Later frames of a
+    cine run start from the previous frame's result (tracking).
+    """
+
+    order: Sequence[str] = ("model", "dicom", "fixed")
+    fixed: FixedStart = field(default_factory=FixedStart)
+    model: ModelInitializer | None = None
+    model_id: int | None = None
+    multistart: bool = False
+
+    @classmethod
+    def from_settings(
+        cls,
+        registration: RegistrationSettings,
+        model: ModelInitializer | None = None,
+        model_id: int | None = None,
+    ) -> StartPolicy:
+        pose = registration.fixed_pose
+        fixed = FixedStart(
+            pose.primary_deg,
+            pose.secondary_deg,
+            pose.source_isocenter_mm,
+            tuple(pose.offsets_mm),
+            pose.inplane_deg,
+        )
+        order = tuple(registration.initializers)
+        return cls(order, fixed, model, model_id, registration.multistart)
+
+    def choose(self, registrar: Registrar, frame: XrayFrame) -> tuple[str, np.ndarray, dict]:
+        """(initializer, start matrix, multi-start's choice and every candidate's score)."""
+        candidates: dict[str, np.ndarray] = {}
+        for name in self.order:
+            try:
+                if name == "model" and self.model is not None:
+                    candidates[name] = self.model.matrix_for(frame, registrar.volume)
+                elif name == "dicom" and frame.carm is not None:
+                    candidates[name] = registrar.dicom_pose(frame)
+                elif name == "fixed":
+                    candidates[name] = initial_matrix(registrar, frame, "fixed", self.fixed)
+            except ValueError as error:  # e.g. the X-ray covers too little of the model's view
+                LOG.warning("%s: %s start skipped: %s", frame.name, name, error)
+        if self.multistart and len(candidates) > 1:
+            name, matrix, scores = best_start(registrar, frame, candidates)
+            return Initializer.MULTISTART, matrix, {"chosen": name, "scores": scores}
+        if not candidates:
+            raise ValueError(f"{frame.name}: none of the initializers {list(self.order)} applies")
+        name = next(iter(candidates))
+        return name, candidates[name], {}
+
+
 def register_instance(
-    session: Session, registrars: Registrars, instance_id: int, fallback_pose: dict | None = None
+    session: Session,
+    registrars: Registrars,
+    instance_id: int,
+    policy: StartPolicy | None = None,
+    job_id: int | None = None,
 ) -> list[Registration]:
     """Register every frame of a usable, linked X-ray; cine frames are tracked.
 
-    The start is the C-arm's positioner reading; without one, ``fallback_pose`` (the
-    configured fixed pose: primary_deg, secondary_deg, source_isocenter_mm) is used.
+    Each row keeps what reproduces it (start, intrinsics, conventions, model) and how long
+    each step took: ``metrics["timings"]`` = read, initialise and refine seconds.
     """
+    policy = policy or StartPolicy()
     instance = session.get(Instance, instance_id)
     if instance is None or instance.usability != Usability.USABLE:
         raise ValueError(f"instance {instance_id} is not a usable, linked X-ray")
@@ -75,33 +149,32 @@ def register_instance(
     registrar = registrars.for_volume(volume)
     geometry = instance.geometry or {}
     spacing = geometry.get("pixel_spacing_mm")
+    began = time.perf_counter()
     frames = read_xray_frames(
         registrars.store.absolute(instance.path),
         sid_mm=geometry.get("sid_mm"),
         pixel_spacing_mm=None if spacing is None else tuple(spacing),
     )
+    read_s = (time.perf_counter() - began) / len(frames)
     rows: list[Registration] = []
     previous: np.ndarray | None = None
     for index, frame in enumerate(frames):
+        began = time.perf_counter()
+        scores: dict = {}
         if previous is not None:
             start, initializer = previous, Initializer.TRACKING
-        elif frame.carm is not None:
-            start, initializer = registrar.dicom_pose(frame), Initializer.DICOM
         else:
-            pose = fallback_pose or {}
-            start = registrar.fixed_pose(
-                frame,
-                pose.get("primary_deg", 0.0),
-                pose.get("secondary_deg", 0.0),
-                pose.get("source_isocenter_mm", 750.0),
-            )
-            initializer = Initializer.FIXED
+            initializer, start, scores = policy.choose(registrar, frame)
+        initialise_s = time.perf_counter() - began
         outcome = registrar.register(frame, start)
         previous = outcome.final_matrix
+        used_model = Initializer.MODEL in (initializer, scores.get("chosen"))
         row = Registration(
             instance_id=instance.id,
             frame_index=index if len(frames) > 1 else None,
             volume_id=volume.id,
+            model_id=policy.model_id if used_model else None,
+            job_id=job_id,
             initializer=initializer,
             initial_matrix=outcome.initial_matrix.tolist(),
             final_matrix=outcome.final_matrix.tolist(),
@@ -114,10 +187,20 @@ def register_instance(
             similarity=outcome.similarity,
             iterations=outcome.iterations,
             wall_time_s=outcome.wall_time_s,
+            metrics={
+                "timings": {
+                    "read_s": round(read_s, 4),
+                    "initialise_s": round(initialise_s, 4),
+                    "refine_s": round(outcome.wall_time_s, 4),
+                },
+                "start_scores": scores,
+            },
         )
         session.add(row)
         session.flush()
         _supersede_earlier(session, row)
+        # One commit per frame: SQLite's single writer is never held across a refinement.
+        session.commit()
         rows.append(row)
         LOG.info(
             "registered",
@@ -130,5 +213,4 @@ def register_instance(
                 "seconds": round(outcome.wall_time_s, 1),
             },
         )
-    session.commit()
     return rows

@@ -1,0 +1,383 @@
+"""What each job kind does: assemble → finetune → register → export (DESIGN.md §2).
+
+One :class:`Pipeline` per worker process holds what is costly to build (renderers per CT,
+networks per model) and hands :class:`~xvr_node.jobs.worker.Worker` one handler per kind.
+Each handler queues the next step in the same commit as its own result
+(:mod:`xvr_node.jobs.triggers`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from sqlalchemy import select, update
+
+from xvr_node import __version__
+from xvr_node.catalog.models import (
+    Instance,
+    Job,
+    ModelState,
+    PoseModel,
+    Registration,
+    Usability,
+    Volume,
+    VolumeState,
+)
+from xvr_node.config import Settings
+from xvr_node.dicom.results import RegistrationResult
+from xvr_node.dicom.sc import build_overlay, compose_overlay, overlay_legend
+from xvr_node.dicom.sr import build_measurement_report
+from xvr_node.dicom.sro import build_spatial_registration
+from xvr_node.dicom.storage import FileStore
+from xvr_node.geometry import Intrinsics
+from xvr_node.jobs.assemble import latest_versions, run_assemble
+from xvr_node.jobs.export import deliver_configured, store_result_objects
+from xvr_node.jobs.register import Registrars, StartPolicy, register_instance
+from xvr_node.jobs.triggers import queue_export, queue_finetune, ready_model
+from xvr_node.jobs.worker import Handler, JobContext, JobYielded, PermanentJobError, noop
+from xvr_node.xvr.register import RefineSettings
+
+LOG = logging.getLogger(__name__)
+
+#: Where finetuned models live in the store: models/patient-<id>/v<version>/.
+MODELS_DIR = "models"
+
+
+class Pipeline:
+    """The handlers of one worker process, sharing its caches."""
+
+    def __init__(self, settings: Settings, store: FileStore, device: str) -> None:
+        self.settings = settings
+        self.store = store
+        self.device = device
+        self.registrars = Registrars(
+            store,
+            RefineSettings.from_settings(settings.registration),
+            settings.training.orientation,
+            device,
+            labels=settings.registration.mask_labels,
+        )
+        self._initializers: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._volume_locks: dict[int, threading.Lock] = {}
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "assemble": self.assemble,
+            "finetune": self.finetune,
+            "register": self.register,
+            "export": self.export,
+            "noop": noop,
+        }
+
+    # --- assemble ------------------------------------------------------------------------
+
+    def assemble(self, context: JobContext) -> dict[str, Any]:
+        training = self.settings.training
+
+        def urgent(xrays_waiting: bool) -> bool:
+            return training.finetune_immediately or (
+                xrays_waiting and training.finetune_immediately_when_xray_waiting
+            )
+
+        try:
+            volume = run_assemble(context.session, self.store, context.payload["series_id"], urgent)
+        except LookupError as missing:
+            raise PermanentJobError(str(missing)) from None
+        return {"volume_id": volume.id, "state": volume.state, "reason": volume.refusal_reason}
+
+    # --- finetune ------------------------------------------------------------------------
+
+    def finetune(self, context: JobContext) -> dict[str, Any]:
+        """Train the patient's model on their CT; yields between steps to urgent work."""
+        from xvr_node.ct_volume import CtVolume
+        from xvr_node.xvr.train import restart, train
+
+        session, training = context.session, self.settings.training
+        volume = session.get(Volume, context.payload["volume_id"])
+        if volume is None or volume.state != VolumeState.USABLE:
+            raise PermanentJobError(f"volume {context.payload['volume_id']} is not usable")
+        model = self._model_row(context, volume)
+        run_dir = self.store.root / model.path
+        checkpoints = sorted((run_dir / "checkpoints").glob("iter_*.pt"))
+        stopped_at: list[int] = []
+
+        def progress(update) -> bool:
+            if update.iteration < update.total and context.should_yield():
+                stopped_at.append(update.iteration)
+                return False
+            return True
+
+        options = {"device": context.device, "progress": progress}
+        try:
+            if checkpoints:  # preempted or interrupted earlier: go on where it stopped
+                final = restart(checkpoints[-1], run_dir, **options)
+            else:
+                ct = CtVolume.from_nifti(self.store.absolute(volume.path))
+                base = model.base_model.path if model.base_model is not None else None
+                if base is None:
+                    LOG.warning(
+                        "no base model configured (training.base_model): training de novo",
+                        extra={"event": "finetune_de_novo", "volume": volume.id},
+                    )
+                final = train(
+                    [ct], training, run_dir, base_checkpoint=base, seed=volume.id, **options
+                )
+        except Exception:
+            if context.attempts >= context.max_attempts:
+                model.state = ModelState.FAILED
+                session.commit()
+            raise
+        if stopped_at:
+            reason = "worker stopping" if context.worker.stopping.is_set() else "more urgent job"
+            raise JobYielded(f"{reason}; checkpoint at iteration {stopped_at[-1]}")
+        model.path = str(PurePosixPath(final.relative_to(self.store.root)))
+        model.state = ModelState.READY
+        session.execute(
+            update(PoseModel)
+            .where(
+                PoseModel.patient_id == model.patient_id,
+                PoseModel.state == ModelState.READY,
+                PoseModel.id != model.id,
+            )
+            .values(state=ModelState.SUPERSEDED)
+        )
+        session.commit()
+        LOG.info(
+            "model ready",
+            extra={"event": "model_ready", "model": model.id, "version": model.version},
+        )
+        return {"model_id": model.id, "version": model.version, "checkpoint": model.path}
+
+    def _model_row(self, context: JobContext, volume: Volume) -> PoseModel:
+        """The model this job trains: made on the first attempt, reused when resuming."""
+        session = context.session
+        model_id = context.payload.get("model_id")
+        if model_id is not None and (model := session.get(PoseModel, model_id)) is not None:
+            return model
+        from xvr_node.xvr.checkpoint import Conventions
+
+        training = self.settings.training
+        base = self._base_model(context)
+        version = 1 + max(
+            session.scalars(
+                select(PoseModel.version).where(PoseModel.patient_id == volume.patient_id)
+            ).all(),
+            default=0,
+        )
+        model = PoseModel(
+            patient_id=volume.patient_id,
+            volume_id=volume.id,
+            base_model_id=None if base is None else base.id,
+            version=version,
+            path=str(PurePosixPath(MODELS_DIR, f"patient-{volume.patient_id}", f"v{version}")),
+            config=training.model_dump(mode="json"),
+            conventions=Conventions.from_settings(training).to_json(),
+            state=ModelState.TRAINING,
+        )
+        session.add(model)
+        session.flush()
+        job = session.get(Job, context.job_id)
+        job.payload = {**job.payload, "model_id": model.id}
+        context.payload["model_id"] = model.id
+        session.commit()
+        return model
+
+    def _base_model(self, context: JobContext) -> PoseModel | None:
+        """The configured base model as a catalog row (made once per path)."""
+        configured = self.settings.training.base_model
+        if configured is None:
+            return None
+        path = Path(configured).resolve()
+        if not path.is_file():
+            raise PermanentJobError(f"training.base_model {path} does not exist")
+        session = context.session
+        row = session.scalars(
+            select(PoseModel).where(PoseModel.patient_id.is_(None), PoseModel.path == str(path))
+        ).first()
+        if row is None:
+            from xvr_node.xvr.checkpoint import load_checkpoint
+
+            state = load_checkpoint(path)
+            row = PoseModel(
+                path=str(path),
+                config=state.settings.model_dump(mode="json"),
+                conventions=state.conventions.to_json(),
+                state=ModelState.READY,
+            )
+            session.add(row)
+            session.flush()
+        return row
+
+    # --- register ------------------------------------------------------------------------
+
+    def register(self, context: JobContext) -> dict[str, Any]:
+        session = context.session
+        instance_id = context.payload["instance_id"]
+        instance = session.get(Instance, instance_id)
+        if instance is None:
+            raise PermanentJobError(f"instance {instance_id} is not in the catalog")
+        if instance.usability != Usability.USABLE or instance.linked_volume is None:
+            raise PermanentJobError(
+                f"instance {instance_id} is {instance.usability}"
+                + (f": {instance.unusable_reason}" if instance.unusable_reason else "")
+            )
+        volume = instance.linked_volume
+        model, model_id = self._start_model(context, volume)
+        policy = StartPolicy.from_settings(self.settings.registration, model, model_id)
+        with self._volume_lock(volume.id):
+            rows = register_instance(
+                session, self.registrars, instance_id, policy, job_id=context.job_id
+            )
+        queue_export(session, instance_id, [row.id for row in rows])
+        session.commit()
+        timings = [row.metrics["timings"] for row in rows]
+        return {
+            "registrations": [row.id for row in rows],
+            "initializers": sorted({str(row.initializer) for row in rows}),
+            "model_id": model_id,
+            "timings": {key: round(sum(t[key] for t in timings), 4) for key in timings[0]},
+        }
+
+    def _start_model(self, context: JobContext, volume: Volume) -> tuple[Any, int | None]:
+        """The patient's finetuned model for this CT, else the base model, else none.
+
+        An X-ray for a patient without a model also makes that patient's finetune urgent.
+        """
+        if "model" not in self.settings.registration.initializers:
+            return None, None
+        session = context.session
+        row = ready_model(session, volume.id)
+        if row is None:
+            training = self.settings.training
+            if training.finetune_immediately_when_xray_waiting:
+                queue_finetune(session, volume, urgent=True)
+                session.commit()
+            row = self._base_model(context) if training.base_model is not None else None
+        if row is None:
+            return None, None
+        path = Path(row.path) if row.patient_id is None else self.store.root / row.path
+        with self._lock:
+            if row.id not in self._initializers:
+                from xvr_node.xvr.initialize import ModelInitializer
+
+                try:
+                    self._initializers[row.id] = ModelInitializer(path, context.device)
+                except (OSError, ValueError) as error:
+                    LOG.warning(
+                        "model unusable as initializer: %s",
+                        error,
+                        extra={"event": "model_unusable", "model": row.id},
+                    )
+                    self._initializers[row.id] = None
+            initializer = self._initializers[row.id]
+        return (initializer, row.id) if initializer is not None else (None, None)
+
+    def _volume_lock(self, volume_id: int) -> threading.Lock:
+        with self._lock:
+            return self._volume_locks.setdefault(volume_id, threading.Lock())
+
+    # --- export --------------------------------------------------------------------------
+
+    def export(self, context: JobContext) -> dict[str, Any]:
+        """Build SRO, SR and SC per registered pose, queue them for every PACS, send."""
+        session = context.session
+        instance = session.get(Instance, context.payload["instance_id"])
+        if instance is None:
+            raise PermanentJobError(f"instance {context.payload['instance_id']} is gone")
+        rows = session.scalars(
+            select(Registration)
+            .where(Registration.id.in_(context.payload["registration_ids"]))
+            .order_by(Registration.id)
+        ).all()
+        xray = pydicom.dcmread(self.store.absolute(instance.path))
+        volume = instance.linked_volume
+        ct_headers = self._ct_headers(volume)
+        mirrored = bool((instance.geometry or {}).get("mirrored", False))
+        series = {
+            kind: generate_uid(entropy_srcs=[instance.sop_instance_uid, kind, str(rows[0].id)])
+            for kind in ("sro", "sr", "sc")
+        }
+        stored = 0
+        for row in rows:
+            objects = self._result_objects(xray, ct_headers, row, volume, mirrored, series)
+            stored += len(
+                store_result_objects(
+                    session, self.store, objects, self.settings.destinations, row.id
+                )
+            )
+        delivery = deliver_configured(session, self.store, self.settings, context.now())
+        return {
+            "objects": 3 * len(rows),
+            "queued": stored,
+            "sent": delivery["sent"],
+            "retrying": delivery["retrying"],
+            "parked": delivery["parked"],
+        }
+
+    def _ct_headers(self, volume: Volume) -> list[Dataset]:
+        return [
+            pydicom.dcmread(self.store.absolute(ct.path), stop_before_pixels=True)
+            for ct in latest_versions(volume.series.instances)
+        ]
+
+    def _result_objects(
+        self,
+        xray: Dataset,
+        ct_headers: list[Dataset],
+        row: Registration,
+        volume: Volume,
+        mirrored: bool,
+        series: dict[str, str],
+    ) -> list[tuple[str, Dataset]]:
+        from xvr_node.xvr.visualize import edges, render_views
+
+        frame_number = None if row.frame_index is None else row.frame_index + 1
+        model_label = None
+        if row.model is not None:
+            model_label = f"model {row.model.id} v{row.model.version}"
+        result = RegistrationResult(
+            matrix=np.asarray(row.final_matrix),
+            intrinsics=Intrinsics.from_json(row.intrinsics),
+            similarity=float(row.similarity or 0.0),
+            iterations=int(row.iterations or 0),
+            wall_time_s=float(row.wall_time_s or 0.0),
+            initializer=str(row.initializer),
+            model_id=model_label,
+            software_version=__version__,
+            frame_numbers=None if frame_number is None else [frame_number],
+            mirrored=mirrored,
+        )
+        number = frame_number or 1
+        sro = build_spatial_registration(
+            xray, ct_headers, result, series_instance_uid=series["sro"], instance_number=number
+        )
+        sr = build_measurement_report(
+            xray, sro, result, series_instance_uid=series["sr"], instance_number=number
+        )
+        registrar = self.registrars.for_volume(volume)
+        (drr,) = render_views(
+            result.intrinsics,
+            registrar.volume,
+            [result.matrix],
+            registrar.orientation,
+            device=self.device,
+        )
+        outline = edges(drr)
+        if mirrored:  # the image plane's columns run the other way in the stored pixels
+            outline = outline[:, ::-1]
+        pixels = xray.pixel_array
+        if int(xray.get("NumberOfFrames", 1) or 1) > 1:
+            pixels = pixels[number - 1]
+        rgb = compose_overlay(pixels, outline, overlay_legend(result))
+        sc = build_overlay(
+            xray, rgb, result, series_instance_uid=series["sc"], instance_number=number
+        )
+        return [("sro", sro), ("sr", sr), ("sc", sc)]
