@@ -47,3 +47,16 @@ def migrated_postgres_template(postgres_url: str) -> Iterator[str]:
     with new_postgres_database(postgres_url) as url:
         upgrade(url)
         yield make_url(url).database
+
+
+@pytest.fixture(scope="session")
+def small_phantom(tmp_path_factory) -> Path:
+    """64-pixel X-rays of a 4x downsampled CT: the method's and the jobs' tests."""
+    outdir = tmp_path_factory.mktemp("small-phantom")
+    build_phantom(
+        outdir,
+        PhantomSpec(
+            seed=7, frames=2, columns=64, rows=64, multiframe=3, motion="dynamic", ct_downsample=4
+        ),
+    )
+    return outdir

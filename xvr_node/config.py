@@ -264,8 +264,13 @@ class OvernightWindow(Section):
         return Time.fromisoformat(self.end)
 
     def contains(self, moment: Time) -> bool:
-        """True when ``moment`` (local wall-clock time) falls in [start, end)."""
+        """True when ``moment`` (local wall-clock time) falls in [start, end).
+
+        ``start == end`` is a window that never closes (a GPU kept for finetuning).
+        """
         start, end = self.start_time, self.end_time
+        if start == end:
+            return True
         if start <= end:
             return start <= moment < end
         return moment >= start or moment < end
@@ -402,7 +407,7 @@ class RegistrationSettings(Section):
     initializers: Annotated[list[Literal["model", "dicom", "fixed"]], AfterValidator(_distinct)] = (
         Field(default_factory=lambda: ["model", "dicom", "fixed"])
     )
-    multistart: bool = False
+    multistart: bool = True
     fixed_pose: FixedPose = Field(default_factory=FixedPose)
     crop_px: NonNegativeInt = 0
     linearize: bool = True

@@ -77,8 +77,6 @@ def demo_environment(output: Path, pacs_port: int, iterations: int | None) -> di
         "XVR_NODE__TRAINING__FINETUNE_IMMEDIATELY": "true",
         # 192-pixel frames: refine at 48 and 96 pixels (the defaults suit ~1000 pixels).
         "XVR_NODE__REGISTRATION__SCALES": "[4, 2]",
-        # Score every start (the young model, the positioner angles) and refine the best.
-        "XVR_NODE__REGISTRATION__MULTISTART": "true",
         "XVR_NODE__DESTINATIONS": json.dumps(
             [{"name": "demo-pacs", "ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs_port}]
         ),

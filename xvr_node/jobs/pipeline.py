@@ -107,6 +107,9 @@ class Pipeline:
         model = self._model_row(context, volume)
         run_dir = self.store.root / model.path
         checkpoints = sorted((run_dir / "checkpoints").glob("iter_*.pt"))
+        base = model.base_model.path if model.base_model is not None else None
+        volume_path = self.store.absolute(volume.path)
+        session.commit()  # no transaction stays open for the length of the training
         stopped_at: list[int] = []
 
         def progress(update) -> bool:
@@ -120,8 +123,7 @@ class Pipeline:
             if checkpoints:  # preempted or interrupted earlier: go on where it stopped
                 final = restart(checkpoints[-1], run_dir, **options)
             else:
-                ct = CtVolume.from_nifti(self.store.absolute(volume.path))
-                base = model.base_model.path if model.base_model is not None else None
+                ct = CtVolume.from_nifti(volume_path)
                 if base is None:
                     LOG.warning(
                         "no base model configured (training.base_model): training de novo",

@@ -1,0 +1,137 @@
+"""The node's pipeline end to end, as a hospital runs it: real C-STORE in, real PACS out.
+
+``xvr-node serve`` (SQLite, one process, its own worker) receives the CT from DCMTK's
+storescu, assembles it, finetunes the patient's model in a window forced open, then
+registers every frame of the X-rays storescu sends next and delivers SRO, SR and SC to a
+real Orthanc.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from tests.support.node import acknowledged_files, running_node, storescu
+from tests.support.orthanc import running_orthanc
+from xvr_node.catalog.db import make_engine, session_factory
+from xvr_node.catalog.models import (
+    Export,
+    Job,
+    JobStatus,
+    ModelState,
+    PoseModel,
+    Registration,
+    Volume,
+)
+from xvr_node.xvr.metrics import mean_target_registration_error
+
+pytestmark = pytest.mark.slow
+
+#: Below a pixel at the isocentre for the small phantom's 64-pixel X-rays (as in xvr tests).
+BOUND_MM = 2.5
+
+
+def wait_for(probe, what: str, node, timeout_s: float = 300.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        assert node.process.poll() is None, node.log_text()
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}:\n{node.log_text()[-4000:]}")
+
+
+def test_ct_then_xrays_by_storescu_end_in_registered_results_in_the_pacs(tmp_path, small_phantom):
+    truth = json.loads((small_phantom / "truth.json").read_text())
+    with running_orthanc(tmp_path / "orthanc") as orthanc:
+        destination = {
+            "name": "pacs",
+            "ae_title": orthanc.aet,
+            "host": "127.0.0.1",
+            "port": orthanc.dicom_port,
+        }
+        overrides = {
+            "scheduler__stable_series_seconds": "1",
+            "scheduler__overnight_window": '{start: "00:00", end: "00:00"}',  # always open
+            "training__backbone": "resnet10t",
+            "training__detector_size_px": "32",
+            "training__pixel_spacing_mm": str(2.1764375 * 4),
+            "training__batch_size": "2",
+            "training__gradient_accumulation": "1",
+            "training__warmup_iterations": "2",
+            "training__iterations": "4",
+            "registration__scales": "[2, 1]",
+            "registration__initializers": "[model, dicom]",
+            "destinations": json.dumps([destination]),
+        }
+        with running_node(tmp_path / "node", **overrides) as node:
+            engine = make_engine(node.database_url)
+            sessions = session_factory(engine)
+            ct_files = sorted((small_phantom / "ct").glob("*.dcm"))
+            sent = storescu(node.port, ct_files)
+            assert len(acknowledged_files(sent.stdout + sent.stderr)) == len(ct_files)
+
+            def model_ready():
+                with sessions() as session:
+                    return session.scalars(
+                        select(PoseModel).where(PoseModel.state == ModelState.READY)
+                    ).first()
+
+            model = wait_for(model_ready, "the finetuned model", node)
+            with sessions() as session:
+                volume = session.scalars(select(Volume)).one()
+                assert (model.volume_id, model.patient_id) == (volume.id, volume.patient_id)
+                assert model.conventions["orientation"] == "PA"
+                assert model.config["iterations"] == 4
+            assert (node.store / model.path).is_file()
+
+            xray_files = sorted((small_phantom / "xray").glob("*.dcm"))
+            sent = storescu(node.port, xray_files)
+            assert len(acknowledged_files(sent.stdout + sent.stderr)) == len(xray_files)
+            frames = len(truth["xrays"])
+
+            def all_delivered():
+                with sessions() as session:
+                    registered = session.scalar(select(func.count(Registration.id)))
+                    sent_rows = session.scalar(
+                        select(func.count(Export.id)).where(Export.status == "sent")
+                    )
+                    return registered == frames and sent_rows == 3 * frames
+
+            wait_for(all_delivered, "registrations delivered to Orthanc", node)
+            with sessions() as session:
+                failed = session.scalars(select(Job).where(Job.status == JobStatus.FAILED)).all()
+                assert failed == []
+                rows = session.scalars(select(Registration).order_by(Registration.id)).all()
+                records = {(r["sop_instance_uid"], r["frame_number"]): r for r in truth["xrays"]}
+                for row in rows:
+                    record = records[(row.instance.sop_instance_uid, (row.frame_index or 0) + 1)]
+                    points = np.array(record["fiducials_lps"])
+                    error = mean_target_registration_error(
+                        np.array(row.final_matrix), np.array(record["matrix"]), points
+                    )
+                    assert error < BOUND_MM, (record["file"], row.frame_index, error)
+                    assert row.volume_id == volume.id and row.similarity is not None
+                    assert set(row.metrics["timings"]) == {"read_s", "initialise_s", "refine_s"}
+                    assert row.job_id is not None
+                # The first frame of each X-ray starts from the better of the model and the
+                # angles, the cine's later frames from the frame before.
+                firsts = [r for r in rows if r.frame_index in (None, 0)]
+                assert {str(r.initializer) for r in firsts} == {"multistart"}
+                for row in firsts:
+                    scores = row.metrics["start_scores"]
+                    assert set(scores["scores"]) == {"model", "dicom"}
+                    assert scores["chosen"] == max(scores["scores"], key=scores["scores"].get)
+                    assert row.model_id == (model.id if scores["chosen"] == "model" else None)
+                assert {str(r.initializer) for r in rows if r.frame_index} == {"tracking"}
+            engine.dispose()
+        in_pacs = orthanc.instances()
+        assert len(in_pacs) == 3 * frames
+        # Every result is filed in the X-ray's study, next to the images it describes.
+        studies = {item["study_instance_uid"] for item in in_pacs.values()}
+        assert studies == {truth["xray_study_instance_uid"]}

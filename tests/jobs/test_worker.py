@@ -1,0 +1,228 @@
+"""Workers: outcomes recorded, the worker outlives every failure, finetunes yield and resume."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from xvr_node.catalog.db import make_engine, session_factory, upgrade
+from xvr_node.catalog.models import Job, JobKind, JobStatus, ModelState, PoseModel
+from xvr_node.config import load_settings
+from xvr_node.jobs import queue
+from xvr_node.jobs.assemble import queue_stable_series
+from xvr_node.jobs.pipeline import Pipeline
+from xvr_node.jobs.worker import PermanentJobError, Worker
+from xvr_node.node import make_receiver
+
+NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+NIGHT = datetime(2026, 11, 24, 23, 0, tzinfo=UTC)  # inside the default overnight window
+
+
+def settings_for(tmp_path, **overrides: str):
+    environ = {"XVR_NODE__STORAGE__ROOT": str(tmp_path / "store")}
+    environ |= {f"XVR_NODE__{key.upper()}": value for key, value in overrides.items()}
+    return load_settings(None, environ=environ)
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    settings = settings_for(tmp_path)
+    settings.ensure_storage_root()
+    upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    yield settings, session_factory(engine)
+    engine.dispose()
+
+
+def test_every_outcome_is_recorded_and_the_worker_lives_on(catalog):
+    settings, sessions = catalog
+
+    def boom(context):
+        raise RuntimeError("renderer exploded")
+
+    def bad_input(context):
+        raise PermanentJobError("instance 7 is not an X-ray")
+
+    def out_of_memory(context):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handlers = {
+        "register": boom,
+        "export": bad_input,
+        "assemble": out_of_memory,
+        "noop": lambda context: {"echo": context.payload["n"]},
+    }
+    with sessions() as session:
+        ids = {
+            kind: queue.enqueue(session, kind, {"n": 1}).id
+            for kind in ("register", "export", "assemble", "noop")
+        }
+        session.commit()
+    worker = Worker(settings, sessions, handlers, worker_id="w", clock=lambda: NOON, device="cpu")
+    ran = [worker.run_one() for _ in range(5)]
+    assert ran == [ids["register"], ids["export"], ids["assemble"], ids["noop"], None]
+    with sessions() as session:
+        jobs = {job.kind: job for job in session.scalars(select(Job))}
+    retrying = jobs["register"]
+    assert (retrying.status, retrying.attempts) == ("queued", 1)
+    assert retrying.error == "RuntimeError: renderer exploded"
+    assert retrying.next_attempt_at == NOON + timedelta(seconds=30)  # backing off
+    assert (jobs["export"].status, jobs["export"].error) == ("failed", "instance 7 is not an X-ray")
+    oom = jobs["assemble"]
+    assert oom.status == "queued" and oom.error.startswith("GPU out of memory on cpu")
+    assert "training.batch_size" in oom.error
+    assert jobs["noop"].status == "succeeded" and jobs["noop"].result["echo"] == 1
+
+
+def test_the_window_is_kept_in_the_hospital_time_zone(tmp_path):
+    settings = settings_for(
+        tmp_path,
+        scheduler__timezone="Europe/Berlin",
+        scheduler__overnight_window='{start: "20:00", end: "06:00"}',
+    )
+    settings.ensure_storage_root()
+    upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    sessions = session_factory(engine)
+    evening = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)  # 19:30 in Berlin (CET)
+    night = datetime(2026, 11, 24, 19, 30, tzinfo=UTC)  # 20:30 in Berlin
+    now = [evening]
+    worker = Worker(
+        settings, sessions, {"finetune": lambda c: None}, clock=lambda: now[0], device="cpu"
+    )
+    assert not worker.window_open(evening) and worker.window_open(night)
+    with sessions() as session:
+        waits = queue.enqueue(session, JobKind.FINETUNE, {}).id
+        session.commit()
+    assert worker.run_one() is None  # outside the window a finetune waits ...
+    with sessions() as session:
+        urgent = queue.enqueue(session, JobKind.FINETUNE, {}, urgent=True).id
+        session.commit()
+    assert worker.run_one() == urgent  # ... unless urgent
+    now[0] = night
+    assert worker.run_one() == waits
+    engine.dispose()
+
+
+# --- preemption and shutdown, on a real finetune ------------------------------------------
+
+TINY_TRAINING = {
+    "training__backbone": "resnet10t",
+    "training__detector_size_px": "32",
+    "training__pixel_spacing_mm": str(2.1764375 * 4),
+    "training__batch_size": "2",
+    "training__gradient_accumulation": "1",
+    "training__warmup_iterations": "2",
+    "training__iterations": "8",
+    "training__checkpoint_every": "1000",
+    "worker__heartbeat_seconds": "1",
+}
+
+
+@pytest.fixture
+def finetune_ready(tmp_path, small_phantom):
+    """A catalog whose CT is assembled (through the worker) and whose finetune is queued."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    settings = settings_for(tmp_path, **TINY_TRAINING)
+    upgrade(settings.database_url)
+    receiver, store = make_receiver(settings)
+    for file in sorted((small_phantom / "ct").glob("*.dcm")):
+        assert receiver.receive(file.read_bytes(), calling_ae="PACS").ok
+    with receiver.sessions() as session:
+        queue_stable_series(session, NIGHT + timedelta(minutes=1), 30.0)
+    pipeline = Pipeline(settings, store, "cpu")
+    worker = Worker(
+        settings, receiver.sessions, pipeline.handlers(), clock=lambda: NIGHT, device="cpu"
+    )
+    assert worker.run_one() is not None  # assemble
+    with receiver.sessions() as session:
+        finetune = session.scalars(select(Job).where(Job.kind == JobKind.FINETUNE)).one()
+    yield settings, receiver.sessions, store, pipeline, finetune.id
+    torch.set_num_threads(threads)
+
+
+def iterations_logged(store, sessions) -> list[int]:
+    with sessions() as session:
+        model = session.scalars(select(PoseModel)).first()
+    if model is None:
+        return []
+    metrics = store.root / "models" / f"patient-{model.patient_id}" / "v1" / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    return [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
+
+
+def run_until(worker: Worker, done, timeout_s: float = 300.0) -> threading.Thread:
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return thread
+
+
+def test_a_register_job_preempts_a_finetune_within_one_step(finetune_ready):
+    settings, sessions, store, pipeline, finetune_id = finetune_ready
+    seen: dict[str, int] = {}
+
+    def register(context):
+        seen["steps_when_register_started"] = len(iterations_logged(store, sessions))
+        return {}
+
+    handlers = {**pipeline.handlers(), "register": register}
+    worker = Worker(settings, sessions, handlers, clock=lambda: NIGHT, device="cpu")
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while len(iterations_logged(store, sessions)) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with sessions() as session:
+        queue.enqueue(session, JobKind.REGISTER, {"instance_id": 0})
+        session.commit()
+    steps_at_enqueue = len(iterations_logged(store, sessions))
+
+    def finished() -> bool:
+        with sessions() as session:
+            return session.get(Job, finetune_id).status == JobStatus.SUCCEEDED
+
+    run_until(worker, finished)
+    worker.stopping.set()
+    thread.join(timeout=30)
+    assert seen["steps_when_register_started"] - steps_at_enqueue <= 1
+    # The finetune went on from its checkpoint: every step once, the same total.
+    assert iterations_logged(store, sessions) == list(range(1, 9))
+    with sessions() as session:
+        job = session.get(Job, finetune_id)
+        model = session.get(PoseModel, job.result["model_id"])
+        assert (job.attempts, model.state) == (1, ModelState.READY)  # yielding is no failure
+        assert model.path.endswith("checkpoints/iter_000008.pt")
+        assert (store.root / model.path).is_file()
+
+
+def test_a_stopping_worker_requeues_its_finetune_and_another_finishes_it(finetune_ready):
+    settings, sessions, store, pipeline, finetune_id = finetune_ready
+    first = Worker(settings, sessions, pipeline.handlers(), clock=lambda: NIGHT, device="cpu")
+    thread = run_until(first, lambda: len(iterations_logged(store, sessions)) >= 2)
+    first.stopping.set()  # what SIGTERM does
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    with sessions() as session:
+        job = session.get(Job, finetune_id)
+        assert job.status == JobStatus.QUEUED and job.lease_owner is None
+        assert job.error.startswith("worker stopping; checkpoint at iteration")
+    stopped_at = len(iterations_logged(store, sessions))
+    assert stopped_at < 8
+    second = Worker(settings, sessions, pipeline.handlers(), clock=lambda: NIGHT, device="cpu")
+    assert second.run_one() == finetune_id
+    assert iterations_logged(store, sessions) == list(range(1, 9))
+    with sessions() as session:
+        assert session.get(Job, finetune_id).status == JobStatus.SUCCEEDED
