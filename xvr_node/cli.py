@@ -270,6 +270,33 @@ def jobs_noop(state: CliState, count: int, seconds: float) -> None:
     click.echo(f"{count} noop job(s) queued")
 
 
+@cli.command("purge")
+@click.option("--days", type=click.IntRange(min=0), default=None, help="Default: from config.")
+@click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
+@click.pass_obj
+def purge_command(state: CliState, days: int | None, dry_run: bool) -> None:
+    """Delete received originals past the retention period that no work still needs."""
+    from xvr_node.catalog.models import utcnow
+    from xvr_node.dicom.storage import FileStore
+    from xvr_node.jobs.retention import purge_originals
+
+    settings, engine, session = _catalog(state)
+    days = settings.scheduler.retention.purge_originals_after_days if days is None else days
+    if days is None:
+        raise click.UsageError("give --days, or set scheduler.retention.purge_originals_after_days")
+    try:
+        store = FileStore(settings.storage_root, settings.storage.min_free_bytes)
+        counts = purge_originals(session, store, utcnow(), days, dry_run=dry_run)
+    finally:
+        session.close()
+        engine.dispose()
+    verb = "would purge" if dry_run else "purged"
+    click.echo(
+        f"{verb} {counts['purged']} original(s), {counts['bytes'] / 1e6:.1f} MB; "
+        f"kept {counts['kept']} still needed"
+    )
+
+
 @cli.command("import")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.pass_obj

@@ -444,6 +444,14 @@ class CarmProfileSettings(Section):
     pixel_spacing_mm: tuple[Positive, Positive] | None = None
 
 
+class MonitoringSettings(Section):
+    """``GET /healthz`` and Prometheus ``GET /metrics`` of ``serve``."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 9118
+
+
 class LoggingSettings(Section):
     """Log level, line format and target (stderr when ``file`` is null)."""
 
@@ -476,6 +484,7 @@ class Settings(Section):
         default_factory=list
     )
     carm_profiles: list[CarmProfileSettings] = Field(default_factory=list)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @property

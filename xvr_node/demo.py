@@ -71,6 +71,7 @@ def demo_environment(output: Path, pacs_port: int, iterations: int | None) -> di
         # Everything the demo makes stays under its output folder, on free loopback ports.
         "XVR_NODE__STORAGE__ROOT": str(output / "store"),
         "XVR_NODE__NODE__PORT": str(free_port()),
+        "XVR_NODE__MONITORING__PORT": str(free_port()),
         "XVR_NODE__SCHEDULER__STABLE_SERIES_SECONDS": "2",
         "XVR_NODE__SCHEDULER__POLL_INTERVAL_S": "0.5",
         # The night falls at once: finetune as soon as the CT is assembled.

@@ -23,8 +23,10 @@ from xvr_node.dicom.storage import FileStore
 from xvr_node.jobs.assemble import queue_stable_series
 from xvr_node.jobs.export import deliver_configured
 from xvr_node.jobs.pipeline import Pipeline
+from xvr_node.jobs.queue import enqueue
 from xvr_node.jobs.triggers import queue_missing_finetunes
 from xvr_node.jobs.worker import resolve_device, start_workers
+from xvr_node.monitor import MonitorServer
 
 LOG = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class Node:
     stopped: threading.Event = field(default_factory=threading.Event)
     stopping_workers: threading.Event = field(default_factory=threading.Event)
     workers: list[threading.Thread] = field(default_factory=list)
+    monitor: MonitorServer | None = None
 
     def start(self) -> None:
         settings = self.settings
@@ -129,7 +132,17 @@ class Node:
             max_instances=1,
             coalesce=True,
         )
+        if settings.scheduler.retention.purge_originals_after_days is not None:
+            self.scheduler.add_job(
+                self.queue_retention,
+                CronTrigger(hour=3, minute=0, timezone=settings.scheduler.zone),
+                id="retention",
+                max_instances=1,
+                coalesce=True,
+            )
         self.scheduler.start()
+        if settings.monitoring.enabled:
+            self.start_monitor()
         if self.run_workers:
             device = resolve_device(settings.worker.device)
             self.pipeline = Pipeline(settings, store, device)
@@ -151,6 +164,32 @@ class Node:
             },
         )
 
+    def start_monitor(self) -> None:
+        """The HTTP endpoints; a busy port costs the metrics, never the DICOM service."""
+        where = f"{self.settings.monitoring.host}:{self.settings.monitoring.port}"
+        try:
+            self.monitor = MonitorServer(
+                self.settings.monitoring.host,
+                self.settings.monitoring.port,
+                self.receiver.sessions,
+                self.workers_alive,
+            )
+        except OSError as error:
+            LOG.error(
+                "monitoring disabled: cannot listen on %s: %s",
+                where,
+                error,
+                extra={"event": "monitoring_failed"},
+            )
+            return
+        self.monitor.start()
+        LOG.info("monitoring on http://%s/healthz", where, extra={"event": "monitoring"})
+
+    def workers_alive(self) -> tuple[int, int]:
+        """(running worker threads, how many there should be) for ``/healthz``."""
+        expected = self.settings.worker.concurrency if self.run_workers else 0
+        return sum(thread.is_alive() for thread in self.workers), expected
+
     def check_stable_series(self) -> None:
         with self.receiver.sessions() as session:
             queue_stable_series(
@@ -168,6 +207,13 @@ class Node:
                 "delivered due results",
                 extra={"event": "deliver_due", **{k: summary[k] for k in DELIVERY_COUNTS}},
             )
+
+    def queue_retention(self) -> None:
+        """Once a day (03:00 local): purge originals past the retention period."""
+        now = self.clock()
+        with self.receiver.sessions() as session:
+            enqueue(session, JobKind.RETENTION, {}, dedupe_key=f"retention:{now:%Y-%m-%d}")
+            session.commit()
 
     def open_overnight_window(self) -> None:
         """The window opens: finetunes wait no longer; volumes left without one get it."""
@@ -200,4 +246,6 @@ class Node:
             thread.join()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
+        if self.monitor is not None:
+            self.monitor.stop()
         LOG.info("stopped", extra={"event": "stopped"})

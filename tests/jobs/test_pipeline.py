@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -30,6 +31,9 @@ from xvr_node.catalog.models import (
 from xvr_node.xvr.metrics import mean_target_registration_error
 
 pytestmark = pytest.mark.slow
+
+# Straight to 127.0.0.1: a proxy from the environment must not see the test's requests.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 #: Below a pixel at the isocentre for the small phantom's 64-pixel X-rays (as in xvr tests).
 BOUND_MM = 2.5
@@ -129,6 +133,18 @@ def test_ct_then_xrays_by_storescu_end_in_registered_results_in_the_pacs(tmp_pat
                     assert scores["chosen"] == max(scores["scores"], key=scores["scores"].get)
                     assert row.model_id == (model.id if scores["chosen"] == "model" else None)
                 assert {str(r.initializer) for r in rows if r.frame_index} == {"tracking"}
+            # What an operator's monitoring sees of it.
+            base = f"http://127.0.0.1:{node.env['XVR_NODE__MONITORING__PORT']}"
+            with OPENER.open(f"{base}/healthz", timeout=10) as response:
+                assert response.status == 200
+                healthz = json.loads(response.read())
+            assert (healthz["status"], healthz["catalog"], healthz["workers"]) == ("ok", "ok", 1)
+            with OPENER.open(f"{base}/metrics", timeout=10) as response:
+                metrics = response.read().decode()
+            assert f"xvr_node_registrations_total {frames}" in metrics
+            assert f'xvr_node_exports{{status="sent"}} {3 * frames}' in metrics
+            assert 'xvr_node_jobs{kind="finetune",status="succeeded"} 1' in metrics
+            assert 'xvr_node_job_queue_wait_seconds{kind="register"}' in metrics
             engine.dispose()
         in_pacs = orthanc.instances()
         assert len(in_pacs) == 3 * frames

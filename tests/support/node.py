@@ -100,6 +100,7 @@ def running_node(root: Path, **overrides: str) -> Iterator[NodeProcess]:
         {
             "XVR_NODE__STORAGE__ROOT": str(root / "store"),
             "XVR_NODE__NODE__PORT": str(port),
+            "XVR_NODE__MONITORING__PORT": str(free_port()),
             "XVR_NODE__NODE__HOST": "127.0.0.1",
             "XVR_NODE__SCHEDULER__POLL_INTERVAL_S": "0.5",
             "XVR_NODE__STORAGE__MIN_FREE_BYTES": "0",

@@ -277,6 +277,7 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     number_of_frames: Mapped[int] = mapped_column(default=1, server_default="1")
     received_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    purged_at: Mapped[datetime | None]  # retention deleted the file; the record stays
     calling_ae: Mapped[str | None] = mapped_column(String(AE_TITLE))
     # X-ray geometry as read (sid_mm, dsp_mm, pixel_spacing, principal point, angles,
     # per-frame values) and where each value came from; NULL for CT.

@@ -40,6 +40,7 @@ from xvr_node.geometry import Intrinsics
 from xvr_node.jobs.assemble import latest_versions, run_assemble
 from xvr_node.jobs.export import deliver_configured, store_result_objects
 from xvr_node.jobs.register import Registrars, StartPolicy, register_instance
+from xvr_node.jobs.retention import purge_originals
 from xvr_node.jobs.triggers import queue_export, queue_finetune, ready_model
 from xvr_node.jobs.worker import Handler, JobContext, JobYielded, PermanentJobError, noop
 from xvr_node.xvr.register import RefineSettings
@@ -74,8 +75,15 @@ class Pipeline:
             "finetune": self.finetune,
             "register": self.register,
             "export": self.export,
+            "retention": self.retention,
             "noop": noop,
         }
+
+    def retention(self, context: JobContext) -> dict[str, Any]:
+        days = self.settings.scheduler.retention.purge_originals_after_days
+        if days is None:
+            return {"purged": 0, "reason": "retention is off (purge_originals_after_days: null)"}
+        return purge_originals(context.session, self.store, context.now(), days)
 
     # --- assemble ------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Jobs: an urgent flag (a finetune that may start outside the overnight window).
+"""Jobs get an urgent flag (a finetune that may start outside the overnight window);
+instances get purged_at (retention deleted the original file, the record stays).
 
 Revision ID: 0002
 Revises: 0001
@@ -21,8 +22,12 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("urgent", sa.Boolean(), server_default=sa.false(), nullable=False)
         )
+    with op.batch_alter_table("instances") as batch:
+        batch.add_column(sa.Column("purged_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("instances") as batch:
+        batch.drop_column("purged_at")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("urgent")

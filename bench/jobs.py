@@ -1,0 +1,210 @@
+"""Job benchmarks: X-ray latency through the pipeline, and queue throughput on PostgreSQL.
+
+    .venv/bin/python bench/jobs.py latency [--xrays 8] [--out bench/results]
+    .venv/bin/python bench/jobs.py queue [--jobs 400] [--workers 1,2,4]
+
+``latency``: a node (SQLite, in-process worker, defaults but for 192-pixel scales) holds an
+assembled phantom CT; each X-ray is sent by C-STORE on its own association, and the time
+from the C-STORE response (the last byte acknowledged) to the committed registration is
+split into queue wait, read, initialise (multi-start scoring) and refine, from the job
+and registration rows.
+
+``queue``: N no-op jobs, drained by 1, 2 and 4 ``xvr-node worker`` processes sharing a
+throw-away PostgreSQL; jobs/s from the first claim to the last completion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pynetdicom import AE
+from sqlalchemy import func, select
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from xvr_node.catalog.db import make_engine, session_factory, upgrade  # noqa: E402
+from xvr_node.catalog.models import Job, JobKind, JobStatus, Registration  # noqa: E402
+from xvr_node.config import load_settings  # noqa: E402
+from xvr_node.dicom.receive import STORAGE_SOP_CLASSES  # noqa: E402
+from xvr_node.jobs import queue  # noqa: E402
+from xvr_node.local_pacs import free_port  # noqa: E402
+from xvr_node.node import Node  # noqa: E402
+from xvr_node.phantom import PhantomSpec, build_phantom  # noqa: E402
+
+
+def send(port: int, files: list[Path]) -> float:
+    """C-STORE on one association; the monotonic time the last response arrived."""
+    ae = AE(ae_title="BENCHCARM")
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title="XVRNODE")
+    try:
+        for file in files:
+            status = assoc.send_c_store(dcmread(file)).Status
+            if status != 0:
+                raise RuntimeError(f"{file}: status 0x{status:04X}")
+        return time.monotonic()
+    finally:
+        assoc.release()
+
+
+def latency(args: argparse.Namespace) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="xvr-bench-jobs-"))
+    spec = PhantomSpec(seed=4, frames=args.xrays, columns=192, rows=192, multiframe=0, bead=True)
+    build_phantom(work / "phantom", spec)
+    environ = {
+        "XVR_NODE__STORAGE__ROOT": str(work / "store"),
+        "XVR_NODE__NODE__PORT": str(free_port()),
+        "XVR_NODE__MONITORING__ENABLED": "false",
+        "XVR_NODE__SCHEDULER__STABLE_SERIES_SECONDS": "1",
+        "XVR_NODE__SCHEDULER__POLL_INTERVAL_S": "0.05",
+        "XVR_NODE__REGISTRATION__SCALES": "[4, 2]",
+        # No finetune in the way: the window never opens during the run.
+        "XVR_NODE__SCHEDULER__OVERNIGHT_WINDOW": "{start: '00:00', end: '00:01'}",
+        "XVR_NODE__TRAINING__FINETUNE_IMMEDIATELY_WHEN_XRAY_WAITING": "false",
+    }
+    settings = load_settings(None, environ=environ)
+    settings.ensure_storage_root()
+    upgrade(settings.database_url)
+    node = Node(settings)
+    node.start()
+    sessions = node.receiver.sessions
+    rows = []
+    try:
+        send(settings.node.port, sorted((work / "phantom/ct").glob("*.dcm")))
+        while True:
+            with sessions() as session:
+                done = session.scalar(
+                    select(func.count(Job.id)).where(
+                        Job.kind == JobKind.ASSEMBLE, Job.status == JobStatus.SUCCEEDED
+                    )
+                )
+            if done:
+                break
+            time.sleep(0.1)
+        files = sorted((work / "phantom/xray").glob("*.dcm"))
+        for file in files:
+            acknowledged = send(settings.node.port, [file])
+            sop = str(dcmread(file, stop_before_pixels=True).SOPInstanceUID)
+            while True:
+                with sessions() as session:
+                    registration = session.scalars(
+                        select(Registration)
+                        .join(Registration.instance)
+                        .where(Registration.instance.has(sop_instance_uid=sop))
+                    ).first()
+                    if registration is not None:
+                        seen = time.monotonic()
+                        job = session.get(Job, registration.job_id)
+                        queued_s = (job.started_at - job.created_at).total_seconds()
+                        timings = registration.metrics["timings"]
+                        break
+                time.sleep(0.02)
+            # Let the export of this X-ray finish before the next one arrives.
+            while True:
+                with sessions() as session:
+                    busy = session.scalar(
+                        select(func.count(Job.id)).where(
+                            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+                            Job.kind != JobKind.FINETUNE,
+                        )
+                    )
+                if not busy:
+                    break
+                time.sleep(0.05)
+            row = {
+                "xray": file.name,
+                "total_s": round(seen - acknowledged, 3),
+                "queue_wait_s": round(queued_s, 3),
+                **{k: round(v, 3) for k, v in timings.items()},
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        node.stop()
+    summary = {
+        key: round(float(np.median([r[key] for r in rows])), 3)
+        for key in ("total_s", "queue_wait_s", "read_s", "initialise_s", "refine_s")
+    }
+    return {"xrays": len(rows), "median": summary, "rows": rows}
+
+
+def queue_throughput(args: argparse.Namespace) -> dict:
+    from tests.support.postgres import new_postgres_database, running_postgres
+
+    results = {}
+    with running_postgres() as server:
+        for count in (int(c) for c in args.workers.split(",")):
+            with new_postgres_database(server) as url:
+                upgrade(url)
+                engine = make_engine(url)
+                sessions = session_factory(engine)
+                with sessions() as session:
+                    for _ in range(args.jobs):
+                        queue.enqueue(session, JobKind.NOOP, {"seconds": 0.0})
+                    session.commit()
+                env = {k: v for k, v in os.environ.items() if not k.startswith("XVR_NODE")}
+                env |= {
+                    "XVR_NODE__DATABASE__URL": url,
+                    "XVR_NODE__STORAGE__ROOT": tempfile.mkdtemp(prefix="xvr-bench-queue-"),
+                    "XVR_NODE__WORKER__DEVICE": "cpu",
+                    "XVR_NODE__SCHEDULER__POLL_INTERVAL_S": "0.05",
+                }
+                workers = [
+                    subprocess.Popen(
+                        [sys.executable, "-m", "xvr_node", "worker", "--kind", "noop"],
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    for _ in range(count)
+                ]
+                while True:
+                    with sessions() as session:
+                        if queue.counts_by_status(session) == {"succeeded": args.jobs}:
+                            first, last = session.execute(
+                                select(func.min(Job.started_at), func.max(Job.finished_at))
+                            ).one()
+                            break
+                    time.sleep(0.2)
+                for worker in workers:
+                    worker.send_signal(signal.SIGTERM)
+                for worker in workers:
+                    worker.wait(timeout=60)
+                engine.dispose()
+                seconds = (last - first).total_seconds()
+                results[count] = {"jobs": args.jobs, "seconds": round(seconds, 2)}
+                results[count]["jobs_per_s"] = round(args.jobs / seconds, 1)
+                print(count, "worker(s):", json.dumps(results[count]), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["latency", "queue"])
+    parser.add_argument("--xrays", type=int, default=8)
+    parser.add_argument("--jobs", type=int, default=400)
+    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    result = latency(args) if args.what == "latency" else queue_throughput(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"jobs-{args.what}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
