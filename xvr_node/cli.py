@@ -141,11 +141,14 @@ def serve_command(state: CliState, no_worker: bool) -> None:
     "--kind",
     "kinds",
     multiple=True,
-    type=click.Choice(["assemble", "finetune", "register", "export", "noop"]),
+    type=click.Choice(["assemble", "finetune", "register", "export", "retention", "noop"]),
     help="Only these job kinds (repeatable); default: all.",
 )
+@click.option(
+    "--name", default="", help="Added to the worker ids in leases and logs (systemd: %i)."
+)
 @click.pass_obj
-def worker_command(state: CliState, kinds: tuple[str, ...]) -> None:
+def worker_command(state: CliState, kinds: tuple[str, ...], name: str) -> None:
     """Run jobs only (no listener): more GPUs, or more machines sharing one catalog and store.
 
     SIGTERM lets the current job finish, or a finetune checkpoint and go back to the queue.
@@ -157,7 +160,7 @@ def worker_command(state: CliState, kinds: tuple[str, ...]) -> None:
     settings = state.settings()
     configure_logging(settings.logging)
     try:
-        run_worker_process(settings, list(kinds) or None)
+        run_worker_process(settings, list(kinds) or None, name)
     except SchemaOutdatedError as error:
         click.echo(f"worker: {error}", err=True)
         sys.exit(3)

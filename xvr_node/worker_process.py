@@ -15,7 +15,7 @@ from xvr_node.jobs.worker import resolve_device, start_workers
 LOG = logging.getLogger(__name__)
 
 
-def run_worker_process(settings: Settings, kinds: list[str] | None = None) -> None:
+def run_worker_process(settings: Settings, kinds: list[str] | None = None, name: str = "") -> None:
     """Run ``worker.concurrency`` workers; SIGTERM/SIGINT stop them after their current job."""
     require_current_schema(settings.database_url)
     engine = make_engine(settings.database_url)
@@ -25,7 +25,7 @@ def run_worker_process(settings: Settings, kinds: list[str] | None = None) -> No
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    threads = start_workers(settings, sessions, handlers, stopping, kinds=kinds)
+    threads = start_workers(settings, sessions, handlers, stopping, kinds=kinds, name=name)
     # The main thread waits for the signal; joining with a timeout keeps it responsive.
     while any(thread.is_alive() for thread in threads):
         for thread in threads:

@@ -51,8 +51,9 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_worker_id(index: int = 0) -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{index}"
+def default_worker_id(index: int = 0, name: str = "") -> str:
+    """host:pid:index (or host:pid:name.index): unique, and says where to look."""
+    return f"{socket.gethostname()}:{os.getpid()}:{f'{name}.' if name else ''}{index}"
 
 
 @dataclass
@@ -329,6 +330,7 @@ def start_workers(
     *,
     clock: Clock = utcnow,
     kinds: list[str] | None = None,
+    name: str = "",
 ) -> list[threading.Thread]:
     """``worker.concurrency`` workers in threads sharing one stop event."""
     device = resolve_device(settings.worker.device)
@@ -338,7 +340,7 @@ def start_workers(
             settings,
             sessions,
             handlers,
-            worker_id=default_worker_id(index),
+            worker_id=default_worker_id(index, name),
             clock=clock,
             device=device,
             kinds=kinds,
