@@ -155,34 +155,25 @@ class Worker:
 
     def run_one(self) -> int | None:
         """Claim the best due job and run it; its id, or ``None`` when none was due."""
-        lease_s = self.settings.worker.lease_seconds
         with self.sessions() as session:
             now = self.clock()
             job = queue.claim(
                 session,
                 self.worker_id,
                 now,
-                lease_s,
+                self.settings.worker.lease_seconds,
                 window_open=self.window_open(now),
                 kinds=self.kinds,
             )
             if job is None:
                 return None
-            context = JobContext(
-                job.id,
-                job.kind,
-                dict(job.payload),
-                job.priority,
-                job.attempts,
-                job.max_attempts,
-                session,
-                self,
-            )
-            queued_s = (now - job.created_at).total_seconds()
+            claimed = (job.id, job.kind, dict(job.payload), job.priority, job.attempts)
+            limit, queued_s = job.max_attempts, (now - job.created_at).total_seconds()
         with self.sessions() as session:
-            context.session = session
+            job_id, kind, payload, priority, attempts = claimed
+            context = JobContext(job_id, kind, payload, priority, attempts, limit, session, self)
             self._execute(context, queued_s)
-        return context.job_id
+        return job_id
 
     def _execute(self, context: JobContext, queued_s: float) -> None:
         extra = {"job": context.job_id, "kind": context.kind, "worker": self.worker_id}
