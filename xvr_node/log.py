@@ -142,4 +142,13 @@ def configure_logging(settings: LoggingSettings) -> logging.Handler:
     root.setLevel(settings.level)
     for name in _QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    # A periodic check still running at its next tick is skipped by design (coalesce): not news.
+    scheduler = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(f, _SkippedRunFilter) for f in scheduler.filters):
+        scheduler.addFilter(_SkippedRunFilter())
     return handler
+
+
+class _SkippedRunFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
