@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
+from pydicom import dcmread
+from pynetdicom import AE
 
 from xvr_node import demo
 from xvr_node.catalog.db import head_revision
 from xvr_node.cli import cli
+from xvr_node.local_pacs import ReceivingScp, free_port
 from xvr_node.phantom import PhantomSpec
 
 
@@ -68,3 +72,29 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path, monkeypatch):
     # SRO, SR and SC per frame reached the local PACS, and the overlays are on disk.
     assert "outbox: 9 sent" in result.output
     assert len(list((out / "overlays").glob("*.png"))) == 3
+
+
+def test_without_orthanc_the_demo_pacs_is_a_receiving_scp(tmp_path, monkeypatch, phantom_dir):
+    """Machines without Orthanc still get a PACS: our SCP files the result objects it receives."""
+    monkeypatch.setattr(demo, "find_orthanc", lambda: None)
+    port = free_port()
+    lines: list[str] = []
+    image = dcmread(next((phantom_dir / "xray").glob("*.dcm")))
+    secondary_capture = "1.2.840.10008.5.1.4.1.1.7"
+    with demo.local_pacs(tmp_path, port, lines.append) as pacs:
+        assert isinstance(pacs, ReceivingScp)
+        ae = AE(ae_title="XVRNODE")
+        ae.add_requested_context(image.SOPClassUID)  # an image class: not what results use
+        ae.add_requested_context(secondary_capture)
+        assoc = ae.associate("127.0.0.1", port, ae_title=demo.PACS_AET)
+        assert assoc.is_established
+        with pytest.raises(ValueError, match="No presentation context"):
+            assoc.send_c_store(image)
+        image.SOPClassUID = image.file_meta.MediaStorageSOPClassUID = secondary_capture
+        assert assoc.send_c_store(image).Status == 0x0000
+        assoc.release()
+    assert "no Orthanc here" in lines[0]
+    (received,) = pacs.received
+    back = dcmread(received)
+    assert back.SOPInstanceUID == image.SOPInstanceUID
+    assert back.PixelData == image.PixelData
