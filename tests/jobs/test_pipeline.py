@@ -122,6 +122,7 @@ def test_ct_then_xrays_by_storescu_end_in_registered_results_in_the_pacs(tmp_pat
                     assert error < BOUND_MM, (record["file"], row.frame_index, error)
                     assert row.volume_id == volume.id and row.similarity is not None
                     assert set(row.metrics["timings"]) == {"read_s", "initialise_s", "refine_s"}
+                    assert row.metrics["refine"]["scales"] == [2.0, 1.0]  # reproducible
                     assert row.job_id is not None
                 # The first frame of each X-ray starts from the better of the model and the
                 # angles, the cine's later frames from the frame before.

@@ -6,12 +6,13 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from xvr_node import __version__
 from xvr_node.catalog.models import Initializer, Instance, Registration, Usability, Volume
 from xvr_node.config import RegistrationSettings
 from xvr_node.ct_volume import CtVolume
@@ -194,6 +195,12 @@ def register_instance(
                     "refine_s": round(outcome.wall_time_s, 4),
                 },
                 "start_scores": scores,
+                # With the start matrix, intrinsics and CT volume: enough to run it again.
+                "refine": {
+                    key: list(value) if isinstance(value, tuple) else value
+                    for key, value in asdict(registrar.settings).items()
+                },
+                "software_version": __version__,
             },
         )
         session.add(row)
