@@ -120,7 +120,8 @@ def uids(registered: dict) -> set[str]:
 # --- (1) delivered, in the X-ray's study, and never twice ----------------------------------
 
 
-def test_results_reach_the_pacs_in_the_xray_study_once(registered, outbox, tmp_path):
+def test_results_reach_the_pacs_in_the_xray_study_once(registered, outbox, tmp_path, caplog):
+    caplog.set_level("INFO", logger="xvr_node.jobs.export")
     with running_orthanc(tmp_path / "orthanc") as orthanc:
         destination = pacs(orthanc)
         rows = store_result_objects(
@@ -134,6 +135,10 @@ def test_results_reach_the_pacs_in_the_xray_study_once(registered, outbox, tmp_p
         assert summary["sent"] == 3, outbox.rows()
         for row in outbox.rows():
             assert (row.status, row.attempts, row.sent_at) == ("sent", 1, now)
+        # The audit trail: one structured line per object and destination.
+        audit = [r for r in caplog.records if getattr(r, "event", "") == "export_sent"]
+        assert sorted(r.sop for r in audit) == sorted(uids(registered))
+        assert {(r.destination, r.attempt) for r in audit} == {("pacs", 1)}
         stored = orthanc.instances()
         assert set(stored) == uids(registered)
         study = str(registered["xray"].StudyInstanceUID)

@@ -137,6 +137,11 @@ def test_unknown_caller_is_rejected_and_recorded(tmp_path):
         engine.dispose()
         assert [(e.event, e.calling_ae) for e in events] == [("association_rejected", "INTRUDER")]
         assert "allowed_callers" in events[0].reason
+        # The audit trail in the log: who came, who was turned away, and how each ended.
+        log = node.log_text()
+        assert "event=association_accepted calling_ae=CARM1 peer=127.0.0.1" in log
+        assert "event=association_released calling_ae=CARM1" in log
+        assert "event=association_rejected calling_ae=INTRUDER" in log
 
 
 def test_series_rows_for_every_series(node, phantom_dir, sessions):

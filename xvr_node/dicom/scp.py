@@ -148,6 +148,30 @@ def handlers(
         )
         on_rejected(assoc.requestor.ae_title, assoc.requestor.address, reason)
 
+    def handle_accepted(event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        LOG.info(
+            "association accepted",
+            extra={
+                "event": "association_accepted",
+                "calling_ae": requestor.ae_title,
+                "peer": requestor.address,
+            },
+        )
+
+    def handle_ended(event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        LOG.info(
+            "association ended",
+            extra={
+                "event": "association_aborted"
+                if event.event is evt.EVT_ABORTED
+                else "association_released",
+                "calling_ae": requestor.ae_title,
+                "peer": requestor.address,
+            },
+        )
+
     def handle_open(event: evt.Event) -> None:
         # Small C-STORE responses must not wait for Nagle's algorithm.
         sock = getattr(event.assoc.dul, "socket", None)
@@ -160,5 +184,8 @@ def handlers(
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store),
         (evt.EVT_REJECTED, handle_rejected),
+        (evt.EVT_ACCEPTED, handle_accepted),
+        (evt.EVT_RELEASED, handle_ended),
+        (evt.EVT_ABORTED, handle_ended),
         (evt.EVT_CONN_OPEN, handle_open),
     ]

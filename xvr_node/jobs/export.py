@@ -248,13 +248,19 @@ def _deliver_batch(
             row.next_attempt_at = now
             row.last_error = outcome.reason
             counts["parked"] += 1
-        LOG.info(
-            "export %d (%s %s) to %s: %s",
-            row.id,
-            row.object_kind,
-            row.sop_instance_uid,
-            destination.name,
-            outcome.reason,
+        LOG.log(
+            logging.INFO if row.status == ExportStatus.SENT else logging.WARNING,
+            "export %s",
+            row.status,
+            extra={
+                "event": f"export_{row.status}",
+                "export": row.id,
+                "kind": row.object_kind,
+                "sop": row.sop_instance_uid,
+                "destination": destination.name,
+                "attempt": row.attempts,
+                "reason": outcome.reason,
+            },
         )
 
 
