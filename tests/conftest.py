@@ -60,3 +60,22 @@ def small_phantom(tmp_path_factory) -> Path:
         ),
     )
     return outdir
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Run the test once on each catalog backend."""
+    return request.param
+
+
+@pytest.fixture
+def catalog_url(backend: str, request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """URL of a database at the head revision, for one test."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+        upgrade(url)
+        yield url
+        return
+    template = request.getfixturevalue("migrated_postgres_template")
+    with new_postgres_database(request.getfixturevalue("postgres_url"), template) as url:
+        yield url

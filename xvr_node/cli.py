@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from xvr_node.config import Settings
 
 
 @dataclass
@@ -166,6 +174,20 @@ def worker_command(state: CliState, kinds: tuple[str, ...], name: str) -> None:
         sys.exit(3)
 
 
+@contextmanager
+def _catalog(state: CliState) -> Iterator[tuple[Settings, Session]]:
+    """Settings and a catalog session for one command; closed and disposed afterwards."""
+    from xvr_node.catalog.db import make_engine, session_factory
+
+    settings = state.settings()
+    engine = make_engine(settings.database_url)
+    try:
+        with session_factory(engine)() as session:
+            yield settings, session
+    finally:
+        engine.dispose()
+
+
 @cli.group("jobs")
 def jobs_group() -> None:
     """The job queue: list, retry and cancel jobs."""
@@ -189,13 +211,9 @@ def jobs_list(state: CliState, status, kind, limit: int, as_json: bool) -> None:
     """Newest first: id, kind, status, attempts, timings, error."""
     from xvr_node.jobs.queue import counts_by_status, job_record, list_jobs
 
-    _, engine, session = _catalog(state)
-    try:
+    with _catalog(state) as (_, session):
         records = [job_record(job) for job in list_jobs(session, status, kind, limit)]
         counts = counts_by_status(session)
-    finally:
-        session.close()
-        engine.dispose()
     if as_json:
         click.echo(json.dumps(records, indent=2))
         return
@@ -215,9 +233,8 @@ def jobs_list(state: CliState, status, kind, limit: int, as_json: bool) -> None:
 def _change_jobs(state: CliState, ids: tuple[int, ...], change, verb: str) -> None:
     from xvr_node.catalog.models import utcnow
 
-    _, engine, session = _catalog(state)
     failed = False
-    try:
+    with _catalog(state) as (_, session):
         for job_id in ids:
             try:
                 job = change(session, job_id, utcnow())
@@ -226,9 +243,6 @@ def _change_jobs(state: CliState, ids: tuple[int, ...], change, verb: str) -> No
                 session.rollback()
                 click.echo(f"{verb}: {error}", err=True)
                 failed = True
-    finally:
-        session.close()
-        engine.dispose()
     if failed:
         sys.exit(1)
 
@@ -262,14 +276,10 @@ def jobs_noop(state: CliState, count: int, seconds: float) -> None:
     from xvr_node.catalog.models import JobKind
     from xvr_node.jobs.queue import enqueue
 
-    _, engine, session = _catalog(state)
-    try:
+    with _catalog(state) as (_, session):
         for _ in range(count):
             enqueue(session, JobKind.NOOP, {"seconds": seconds})
         session.commit()
-    finally:
-        session.close()
-        engine.dispose()
     click.echo(f"{count} noop job(s) queued")
 
 
@@ -283,16 +293,15 @@ def purge_command(state: CliState, days: int | None, dry_run: bool) -> None:
     from xvr_node.dicom.storage import FileStore
     from xvr_node.jobs.retention import purge_originals
 
-    settings, engine, session = _catalog(state)
-    days = settings.scheduler.retention.purge_originals_after_days if days is None else days
-    if days is None:
-        raise click.UsageError("give --days, or set scheduler.retention.purge_originals_after_days")
-    try:
+    with _catalog(state) as (settings, session):
+        retention = settings.scheduler.retention
+        days = retention.purge_originals_after_days if days is None else days
+        if days is None:
+            raise click.UsageError(
+                "give --days, or set scheduler.retention.purge_originals_after_days"
+            )
         store = FileStore(settings.storage_root, settings.storage.min_free_bytes)
         counts = purge_originals(session, store, utcnow(), days, dry_run=dry_run)
-    finally:
-        session.close()
-        engine.dispose()
     verb = "would purge" if dry_run else "purged"
     click.echo(
         f"{verb} {counts['purged']} original(s), {counts['bytes'] / 1e6:.1f} MB; "
@@ -864,15 +873,6 @@ def export_group() -> None:
     """The outbox of result objects for PACS: list, retry, re-send, deliver."""
 
 
-def _catalog(state: CliState):
-    """Settings and an open catalog session (close the session and dispose the engine after)."""
-    from xvr_node.catalog.db import make_engine, session_factory
-
-    settings = state.settings()
-    engine = make_engine(settings.database_url)
-    return settings, engine, session_factory(engine)()
-
-
 @export_group.command("list")
 @click.option(
     "--status",
@@ -886,12 +886,8 @@ def export_list(state: CliState, status: str | None, as_json: bool) -> None:
     """One line per object and destination: status, attempts, next attempt, last error."""
     from xvr_node.jobs.export import export_record, list_exports
 
-    _, engine, session = _catalog(state)
-    try:
+    with _catalog(state) as (_, session):
         records = [export_record(row) for row in list_exports(session, status)]
-    finally:
-        session.close()
-        engine.dispose()
     if as_json:
         click.echo(json.dumps(records, indent=2))
         return
@@ -915,12 +911,8 @@ def export_retry(state: CliState, ids: tuple[int, ...], all_parked: bool) -> Non
 
     if not ids and not all_parked:
         raise click.UsageError("give export IDS or --all")
-    _, engine, session = _catalog(state)
-    try:
+    with _catalog(state) as (_, session):
         changed = [row.id for row in retry(session, ids, all_parked=all_parked)]
-    finally:
-        session.close()
-        engine.dispose()
     _report_requeued("retry", ids, changed, "not found, or already sent (use `export resend`)")
 
 
@@ -931,12 +923,8 @@ def export_resend(state: CliState, ids: tuple[int, ...]) -> None:
     """Send already delivered rows once more (e.g. the PACS lost them)."""
     from xvr_node.jobs.export import resend
 
-    _, engine, session = _catalog(state)
-    try:
+    with _catalog(state) as (_, session):
         changed = [row.id for row in resend(session, ids)]
-    finally:
-        session.close()
-        engine.dispose()
     _report_requeued("resend", ids, changed, "not found, or not sent yet (use `export retry`)")
 
 
@@ -957,14 +945,10 @@ def export_deliver(state: CliState) -> None:
     from xvr_node.jobs.export import deliver_configured
     from xvr_node.log import configure_logging
 
-    settings, engine, session = _catalog(state)
-    configure_logging(settings.logging)
-    try:
+    with _catalog(state) as (settings, session):
+        configure_logging(settings.logging)
         store = FileStore(settings.storage_root, settings.storage.min_free_bytes)
         summary = deliver_configured(session, store, settings, utcnow())
-    finally:
-        session.close()
-        engine.dispose()
     click.echo(
         f"due {summary['due']}: sent {summary['sent']}, retrying {summary['retrying']}, "
         f"parked {summary['parked']}"

@@ -204,10 +204,15 @@ def _pipeline(node: Node, settings: Settings, phantom: Path, echo: Echo, deadlin
     truth = json.loads((phantom / "truth.json").read_text())
     expected = len(truth["xrays"])
     with sessions() as session:
+        last = -1
 
         def finished() -> bool:
-            session.expire_all()
+            """All frames registered and no register or export work left; says progress."""
+            nonlocal last
             registered = session.scalar(select(func.count(Registration.id))) or 0
+            if registered != last:
+                echo(f"      {registered} of {expected} frames registered")
+                last = registered
             busy = session.scalar(
                 select(func.count(Job.id)).where(
                     Job.kind.in_([JobKind.REGISTER, JobKind.EXPORT]),
@@ -216,17 +221,7 @@ def _pipeline(node: Node, settings: Settings, phantom: Path, echo: Echo, deadlin
             )
             return registered >= expected and busy == 0
 
-        last = -1
-
-        def progress() -> bool:
-            nonlocal last
-            done = session.scalar(select(func.count(Registration.id))) or 0
-            if done != last:
-                echo(f"      {done} of {expected} frames registered")
-                last = done
-            return finished()
-
-        _wait(session, deadline, "the registrations", lambda: progress() or None, poll_s=1.0)
+        _wait(session, deadline, "the registrations", finished, poll_s=1.0)
         exports = session.execute(select(Export.status, func.count()).group_by(Export.status)).all()
         echo("      outbox: " + ", ".join(f"{n} {status}" for status, n in exports))
         failed = session.scalars(select(Job).where(Job.status == JobStatus.FAILED)).all()
@@ -237,7 +232,6 @@ def _pipeline(node: Node, settings: Settings, phantom: Path, echo: Echo, deadlin
 
 
 def _volume(session: Session) -> Volume | None:
-    session.expire_all()
     return session.scalars(select(Volume).order_by(Volume.id.desc())).first()
 
 

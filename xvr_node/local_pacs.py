@@ -34,6 +34,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM, wait up to ``timeout_s`` for a clean exit, then SIGKILL."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def find_orthanc() -> str | None:
     """The Orthanc binary on PATH or where the Debian package puts it."""
     found = shutil.which("Orthanc")
@@ -120,13 +132,8 @@ class OrthancServer:
 
     def stop(self) -> None:
         """SIGTERM and wait; the ports are free again afterwards."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
         if getattr(self, "_log_handle", None) is not None:
             self._log_handle.close()

@@ -103,22 +103,22 @@ class Node:
             evt_handlers=handlers(receiver, on_rejected),
             ssl_context=tls_context(settings.node),
         )
-        self.scheduler = BackgroundScheduler(timezone=settings.scheduler.zone)
+        # Periodic work never piles up: a run still going at the next tick makes it skip.
+        self.scheduler = BackgroundScheduler(
+            timezone=settings.scheduler.zone,
+            job_defaults={"max_instances": 1, "coalesce": True},
+        )
         self.scheduler.add_job(
             self.check_stable_series,
             "interval",
             seconds=settings.scheduler.poll_interval_s,
             id="stable-series",
-            max_instances=1,
-            coalesce=True,
         )
         self.scheduler.add_job(
             self.deliver_due_results,
             "interval",
             seconds=settings.scheduler.poll_interval_s,
             id="deliver-due",
-            max_instances=1,
-            coalesce=True,
         )
         window = settings.scheduler.overnight_window
         self.scheduler.add_job(
@@ -129,16 +129,12 @@ class Node:
                 timezone=settings.scheduler.zone,
             ),
             id="overnight-window",
-            max_instances=1,
-            coalesce=True,
         )
         if settings.scheduler.retention.purge_originals_after_days is not None:
             self.scheduler.add_job(
                 self.queue_retention,
                 CronTrigger(hour=3, minute=0, timezone=settings.scheduler.zone),
                 id="retention",
-                max_instances=1,
-                coalesce=True,
             )
         self.scheduler.start()
         if settings.monitoring.enabled:

@@ -1,4 +1,7 @@
-"""Catalog fixtures: each test gets a fresh database on SQLite and on a real PostgreSQL."""
+"""Catalog fixtures: each test gets a fresh database on SQLite and on a real PostgreSQL.
+
+``backend`` and ``catalog_url`` come from ``tests/conftest.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +12,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from tests.support.postgres import new_postgres_database
-from xvr_node.catalog.db import make_engine, session_factory, upgrade
+from xvr_node.catalog.db import make_engine, session_factory
 from xvr_node.catalog.models import Patient, Series, SeriesState, Study
-
-BACKENDS = ["sqlite", "postgresql"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
 
 
 @pytest.fixture
@@ -28,19 +24,6 @@ def empty_catalog_url(backend: str, request: pytest.FixtureRequest, tmp_path) ->
         yield f"sqlite:///{tmp_path / 'var' / 'catalog.sqlite'}"
         return
     with new_postgres_database(request.getfixturevalue("postgres_url")) as url:
-        yield url
-
-
-@pytest.fixture
-def catalog_url(backend: str, request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
-    """URL of a database at the head revision, for one test."""
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
-        upgrade(url)
-        yield url
-        return
-    template = request.getfixturevalue("migrated_postgres_template")
-    with new_postgres_database(request.getfixturevalue("postgres_url"), template) as url:
         yield url
 
 

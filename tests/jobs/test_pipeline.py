@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 
 from tests.support.node import acknowledged_files, running_node, storescu
 from tests.support.orthanc import running_orthanc
+from tests.support.training import TINY_TRAINING
 from xvr_node.catalog.db import make_engine, session_factory
 from xvr_node.catalog.models import (
     Export,
@@ -62,12 +63,7 @@ def test_ct_then_xrays_by_storescu_end_in_registered_results_in_the_pacs(tmp_pat
         overrides = {
             "scheduler__stable_series_seconds": "1",
             "scheduler__overnight_window": '{start: "00:00", end: "00:00"}',  # always open
-            "training__backbone": "resnet10t",
-            "training__detector_size_px": "32",
-            "training__pixel_spacing_mm": str(2.1764375 * 4),
-            "training__batch_size": "2",
-            "training__gradient_accumulation": "1",
-            "training__warmup_iterations": "2",
+            **TINY_TRAINING,
             "training__iterations": "4",
             "registration__scales": "[2, 1]",
             "registration__initializers": "[model, dicom]",

@@ -11,6 +11,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from tests.support.training import TINY_TRAINING
 from xvr_node.catalog.db import make_engine, session_factory, upgrade
 from xvr_node.catalog.models import Job, JobKind, JobStatus, ModelState, PoseModel
 from xvr_node.config import load_settings
@@ -112,13 +113,8 @@ def test_the_window_is_kept_in_the_hospital_time_zone(tmp_path):
 
 # --- preemption and shutdown, on a real finetune ------------------------------------------
 
-TINY_TRAINING = {
-    "training__backbone": "resnet10t",
-    "training__detector_size_px": "32",
-    "training__pixel_spacing_mm": str(2.1764375 * 4),
-    "training__batch_size": "2",
-    "training__gradient_accumulation": "1",
-    "training__warmup_iterations": "2",
+FINETUNE = {
+    **TINY_TRAINING,
     "training__iterations": "8",
     "training__checkpoint_every": "1000",
     "worker__heartbeat_seconds": "1",
@@ -130,7 +126,7 @@ def finetune_ready(tmp_path, small_phantom):
     """A catalog whose CT is assembled (through the worker) and whose finetune is queued."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    settings = settings_for(tmp_path, **TINY_TRAINING)
+    settings = settings_for(tmp_path, **FINETUNE)
     upgrade(settings.database_url)
     receiver, store = make_receiver(settings)
     for file in sorted((small_phantom / "ct").glob("*.dcm")):

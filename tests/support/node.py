@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tests.support.tools import require_tool
 from xvr_node.local_pacs import free_port as free_port  # re-exported for the tests
+from xvr_node.local_pacs import stop_process
 
 
 @dataclass
@@ -76,13 +77,8 @@ class NodeProcess:
         self.process.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         if hasattr(self, "log_handle"):
             self.log_handle.close()
 

@@ -68,6 +68,7 @@ class Pipeline:
         self._initializers: dict[int, Any] = {}
         self._lock = threading.Lock()
         self._volume_locks: dict[int, threading.Lock] = {}
+        self._ct_header_cache: dict[int, list[Dataset]] = {}
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -333,10 +334,14 @@ class Pipeline:
         }
 
     def _ct_headers(self, volume: Volume) -> list[Dataset]:
-        return [
-            pydicom.dcmread(self.store.absolute(ct.path), stop_before_pixels=True)
-            for ct in latest_versions(volume.series.instances)
-        ]
+        """The CT slices' headers, read once per volume (every X-ray's SRO lists them)."""
+        with self._lock:
+            if volume.id not in self._ct_header_cache:
+                self._ct_header_cache[volume.id] = [
+                    pydicom.dcmread(self.store.absolute(ct.path), stop_before_pixels=True)
+                    for ct in latest_versions(volume.series.instances)
+                ]
+            return self._ct_header_cache[volume.id]
 
     def _result_objects(
         self,

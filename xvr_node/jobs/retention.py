@@ -42,8 +42,19 @@ LOG = logging.getLogger(__name__)
 UNDELIVERED = (ExportStatus.PENDING, ExportStatus.RETRYING, ExportStatus.PARKED)
 
 
-def _xray_still_needed(session: Session, instance: Instance) -> bool:
-    if instance.usability == Usability.WAITING:
+def _busy_instances(session: Session) -> set[int]:
+    """X-rays with a register or export job queued or running (read once per purge)."""
+    payloads = session.scalars(
+        select(Job.payload).where(
+            Job.kind.in_([JobKind.REGISTER, JobKind.EXPORT]),
+            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+        )
+    )
+    return {payload.get("instance_id") for payload in payloads}
+
+
+def _xray_still_needed(session: Session, instance: Instance, busy: set[int]) -> bool:
+    if instance.usability == Usability.WAITING or instance.id in busy:
         return True
     undelivered = session.scalar(
         select(
@@ -54,18 +65,13 @@ def _xray_still_needed(session: Session, instance: Instance) -> bool:
             )
         )
     )
-    if undelivered:
-        return True
-    busy = session.scalars(
-        select(Job.payload).where(
-            Job.kind.in_([JobKind.REGISTER, JobKind.EXPORT]),
-            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
-        )
-    ).all()
-    return any(payload.get("instance_id") == instance.id for payload in busy)
+    return bool(undelivered)
 
 
-def _ct_still_needed(session: Session, instance: Instance, cutoff: datetime) -> bool:
+def _ct_still_needed(
+    session: Session, instance: Instance, cutoff: datetime, busy: set[int]
+) -> bool:
+    """Decided per series: every slice of a series gets the same answer."""
     patient_id = instance.series.study.patient_id
     newest = session.scalars(
         select(Volume)
@@ -74,19 +80,6 @@ def _ct_still_needed(session: Session, instance: Instance, cutoff: datetime) -> 
     ).first()
     if newest is None or newest.series_id != instance.series_id:
         return False
-    recent_xray = session.scalar(
-        select(
-            exists().where(
-                Instance.series_id == Series.id,
-                Series.study_id == Study.id,
-                Study.patient_id == patient_id,
-                Instance.sop_class_uid.not_in(list(CT_SOP_CLASSES)),
-                Instance.received_at >= cutoff,
-            )
-        )
-    )
-    if recent_xray:
-        return True
     xrays = session.scalars(
         select(Instance)
         .join(Series)
@@ -94,10 +87,11 @@ def _ct_still_needed(session: Session, instance: Instance, cutoff: datetime) -> 
         .where(
             Study.patient_id == patient_id,
             Instance.sop_class_uid.not_in(list(CT_SOP_CLASSES)),
-            Instance.purged_at.is_(None),
         )
     ).all()
-    return any(_xray_still_needed(session, xray) for xray in xrays)
+    return any(xray.received_at >= cutoff for xray in xrays) or any(
+        _xray_still_needed(session, xray, busy) for xray in xrays if xray.purged_at is None
+    )
 
 
 def purge_originals(
@@ -111,13 +105,17 @@ def purge_originals(
         .order_by(Instance.id)
     ).all()
     counts = {"purged": 0, "kept": 0, "bytes": 0}
+    busy = _busy_instances(session)
+    series_needed: dict[int, bool] = {}
     for instance in candidates:
-        is_ct = instance.sop_class_uid in CT_SOP_CLASSES
-        needed = (
-            _ct_still_needed(session, instance, cutoff)
-            if is_ct
-            else _xray_still_needed(session, instance)
-        )
+        if instance.sop_class_uid in CT_SOP_CLASSES:
+            if instance.series_id not in series_needed:
+                series_needed[instance.series_id] = _ct_still_needed(
+                    session, instance, cutoff, busy
+                )
+            needed = series_needed[instance.series_id]
+        else:
+            needed = _xray_still_needed(session, instance, busy)
         if needed:
             counts["kept"] += 1
             continue

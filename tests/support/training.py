@@ -1,0 +1,11 @@
+"""Settings for training runs small enough for a test on two CPU cores."""
+
+#: A tiny finetune: a small network on a 32-pixel detector with the default field of view.
+TINY_TRAINING = {
+    "training__backbone": "resnet10t",
+    "training__detector_size_px": "32",
+    "training__pixel_spacing_mm": str(2.1764375 * 4),
+    "training__batch_size": "2",
+    "training__gradient_accumulation": "1",
+    "training__warmup_iterations": "2",
+}
