@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -16,6 +14,7 @@ from sqlalchemy import func, select
 
 from xvr_node.catalog.db import make_engine, require_current_schema, session_factory
 from xvr_node.catalog.models import IngestEventKind, Job, JobKind, JobStatus, utcnow
+from xvr_node.clock import Clock
 from xvr_node.config import Settings
 from xvr_node.dicom.receive import CarmFallback, Receiver
 from xvr_node.dicom.scp import build_ae, handlers, tls_context
@@ -63,7 +62,7 @@ class Node:
 
     settings: Settings
     run_workers: bool = True
-    clock: Callable[[], datetime] = utcnow
+    clock: Clock = utcnow
     server: ThreadedAssociationServer | None = None
     scheduler: BackgroundScheduler | None = None
     stopped: threading.Event = field(default_factory=threading.Event)

@@ -7,12 +7,20 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from click.testing import CliRunner
 
+from xvr_node import clock
 from xvr_node.catalog.models import Job, JobKind, JobStatus
 from xvr_node.cli import cli
 from xvr_node.jobs import queue
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 LEASE_S = 60.0
+
+
+@pytest.fixture(autouse=True)
+def node_clock_at_t0():
+    """Enqueue stamps by the node's clock, claims pass ``now``: both read T0, on any day."""
+    with clock.pinned(T0):
+        yield
 
 
 def add(session, kind, **options) -> int:

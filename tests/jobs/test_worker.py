@@ -12,6 +12,7 @@ import torch
 from sqlalchemy import select
 
 from tests.support.training import TINY_TRAINING
+from xvr_node import clock
 from xvr_node.catalog.db import make_engine, session_factory, upgrade
 from xvr_node.catalog.models import Job, JobKind, JobStatus, ModelState, PoseModel
 from xvr_node.config import load_settings
@@ -23,6 +24,13 @@ from xvr_node.node import make_receiver
 
 NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 NIGHT = datetime(2026, 11, 24, 23, 0, tzinfo=UTC)  # inside the default overnight window
+
+
+@pytest.fixture(autouse=True)
+def node_clock_at_noon():
+    """What the node stamps (enqueue, receive) happens at NOON, on any day the test runs."""
+    with clock.pinned(NOON):
+        yield
 
 
 def settings_for(tmp_path, **overrides: str):

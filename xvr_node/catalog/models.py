@@ -27,6 +27,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from xvr_node import clock
+
 # Deterministic constraint names: migrations and autogenerate comparisons depend on them.
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -44,8 +46,8 @@ EMPTY_STRING = text("''")
 
 
 def utcnow() -> datetime:
-    """The current time as an aware UTC datetime (the only kind the catalog stores)."""
-    return datetime.now(UTC)
+    """The node's clock (:mod:`xvr_node.clock`): aware UTC, the only kind the catalog stores."""
+    return clock.now()
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.datadict import add_private_dict_entries
 from pydicom.dataset import Dataset
 
+from xvr_node import clock
 from xvr_node.geometry import Intrinsics, check_rigid
 
 #: How the pose search started (the ``initializer`` of a :class:`RegistrationResult`).
@@ -182,7 +182,7 @@ def format_ds(value: float) -> str:
 
 def now_date_time() -> tuple[str, str]:
     """Content Date and Time (DA, TM) for an object created now."""
-    now = datetime.datetime.now()
+    now = clock.now().astimezone()  # local time, as DICOM dates and times are
     return now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
 
 

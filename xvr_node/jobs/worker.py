@@ -20,13 +20,12 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from xvr_node.catalog.models import utcnow
+from xvr_node.clock import Clock
 from xvr_node.config import Settings
 from xvr_node.jobs import queue
 from xvr_node.jobs.export import exponential_backoff
 
 LOG = logging.getLogger(__name__)
-
-Clock = Callable[[], datetime]
 
 
 class JobYielded(Exception):
