@@ -8,9 +8,34 @@ from pathlib import Path
 import pytest
 from sqlalchemy import make_url
 
+from tests.support.clock_shift import shift_wall_clock
 from tests.support.postgres import new_postgres_database, running_postgres
 from xvr_node.catalog.db import upgrade
 from xvr_node.phantom import PhantomSpec, build_phantom
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--clock-at",
+        metavar="DATE",
+        help="run with the wall clock moved to DATE (ISO 8601), child processes too: "
+        "the date-bomb guard .ci/run runs",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    instant = config.getoption("--clock-at")
+    if instant:
+        moved = shift_wall_clock(instant)
+        config.stash[CLOCK_AT] = moved.isoformat()
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    moved = config.stash.get(CLOCK_AT, None)
+    return None if moved is None else f"wall clock moved to {moved} (--clock-at)"
+
+
+CLOCK_AT = pytest.StashKey[str]()
 
 
 @pytest.fixture(scope="session")
