@@ -431,7 +431,8 @@ class IndependentFormation:
                 visible,
                 physics.STORAGE_BITS[storage],
                 realism.unsharp_amount,
-                2.0 / spacing,
+                # Vendors enhance structures of a few millimetres, never less than 2 pixels.
+                max(3.0 / spacing, 2.0),
             )
         info.update(stored_info)
         info["storage"] = storage
