@@ -656,28 +656,31 @@ def register_multistart(
     init_matrix,
     overlay,
 ) -> None:
-    """Score every start there is (model, DICOM, fixed) at the coarsest scale; refine the best.
+    """Try every start there is (model, DICOM, fixed, and a local search around the model's
+    and the positioner's), refine each briefly at the coarsest level, refine the best fully.
 
-    The result's initializer reads "multistart:<chosen>", with every start's score.
+    The result's initializer reads "multistart:<chosen>", with every candidate's scores.
     """
-    import math
-
-    from xvr_node.xvr.initialize import available_starts, best_start
+    from xvr_node.xvr.initialize import available_starts
+    from xvr_node.xvr.multistart import SearchSettings, choose_start
 
     fixed = _fixed_start(primary, secondary, dsp, offset, init_matrix)
     model = _model_initializer(checkpoint, device)
     volume = _load_volume(volume_path)
     registrar = _registrar(state, volume, scales, orientation, device)
-    chosen: dict[tuple[str, int | None], tuple[str, dict[str, float | None]]] = {}
+    search = SearchSettings(**state.settings().registration.multistart_search.model_dump())
+    chosen: dict[tuple[str, int | None], tuple[str, dict]] = {}
 
     def starts(frame):
         candidates = available_starts(registrar, frame, fixed, model)
-        name, start, scores = best_start(registrar, frame, candidates)
-        shown = {k: (v if math.isfinite(v) else None) for k, v in scores.items()}
-        chosen[(frame.source, frame.frame_number)] = (name, shown)
-        listed = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-        click.echo(f"{frame.name}: starts {listed} -> {name}")
-        return start
+        choice = choose_start(registrar, frame, candidates, search)
+        chosen[(frame.source, frame.frame_number)] = (choice.name, choice.summary())
+        margin = "no rival" if choice.margin is None else f"margin {choice.margin:.4f}"
+        click.echo(
+            f"{frame.name}: {len(choice.candidates)} candidates -> {choice.name} "
+            f"at {choice.similarity:.4f} ({margin})"
+        )
+        return choice.matrix
 
     written = _register(
         volume,

@@ -371,11 +371,40 @@ class FixedPose(Section):
     offsets_mm: Triple = (0.0, 0.0, 0.0)
 
 
+class MultistartSearch(Section):
+    """The local search multi-start adds around the positioner's and the model's start."""
+
+    samples: NonNegativeInt = 32
+    rotation_deg: Annotated[float, Field(ge=0, le=45)] = 15.0
+    translation_mm: Annotated[float, Field(ge=0, le=200)] = 50.0
+    keep: NonNegativeInt = 4
+    iterations: NonNegativeInt = 30
+    distinct_mm: Positive = 5.0
+
+
+class QualityGate(Section):
+    """Thresholds below which a result is marked unreliable (calibrated: docs/benchmarks.md)."""
+
+    min_similarity: Annotated[float, Field(ge=-1, le=1)] = 0.35
+    min_margin: Annotated[float, Field(ge=0, le=2)] = 0.02
+    min_overlap: Probability = 0.6
+    require_convergence: bool = False
+    threshold: Probability = 0.5
+
+
 def _coarse_to_fine(value: list[float]) -> list[float]:
     if not value:
         raise ValueError("needs at least one scale")
     if any(a < b for a, b in itertools.pairwise(value)):
         raise ValueError(f"divisors must go coarse to fine (largest first), got {value}")
+    return value
+
+
+def _growing(value: list[int]) -> list[int]:
+    if not value:
+        raise ValueError("needs at least one level")
+    if any(a >= b for a, b in itertools.pairwise(value)):
+        raise ValueError(f"levels must grow coarse to fine (smallest first), got {value}")
     return value
 
 
@@ -390,9 +419,13 @@ def _distinct(value: list[Any]) -> list[Any]:
 class RegistrationSettings(Section):
     """Registering one X-ray: initialise, then refine over detector scales (XVR.md)."""
 
-    scales: Annotated[list[Annotated[float, Field(ge=1)]], AfterValidator(_coarse_to_fine)] = Field(
-        default_factory=lambda: [24.0, 12.0, 6.0]
+    levels_px: Annotated[list[Annotated[int, Field(ge=8)]], AfterValidator(_growing)] = Field(
+        default_factory=lambda: [32, 64, 128]
     )
+    scales: (
+        Annotated[list[Annotated[float, Field(ge=1)]], AfterValidator(_coarse_to_fine)] | None
+    ) = None
+    similarity: Literal["robust", "mncc_gncc"] = "robust"
     max_iterations_per_scale: PositiveInt = 500
     beta: Probability = 0.5
     lr_rotation: Positive = 1.0e-2
@@ -408,6 +441,9 @@ class RegistrationSettings(Section):
         Field(default_factory=lambda: ["model", "dicom", "fixed"])
     )
     multistart: bool = True
+    multistart_search: MultistartSearch = Field(default_factory=MultistartSearch)
+    quality: QualityGate = Field(default_factory=QualityGate)
+    send_unreliable: bool = False
     fixed_pose: FixedPose = Field(default_factory=FixedPose)
     crop_px: NonNegativeInt = 0
     linearize: bool = True

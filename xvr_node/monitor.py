@@ -105,6 +105,18 @@ def collect_metrics(session: Session) -> str:
     m.sample(
         "xvr_node_registrations_total", session.scalar(select(func.count(Registration.id))) or 0
     )
+    m.family(
+        "xvr_node_registrations_by_quality",
+        "gauge",
+        "Frames registered, by the quality gate's verdict (unassessed: before the gate).",
+    )
+    verdicts = dict(
+        session.execute(
+            select(Registration.reliable, func.count()).group_by(Registration.reliable)
+        ).all()
+    )
+    for verdict, label in ((True, "reliable"), (False, "unreliable"), (None, "unassessed")):
+        m.sample("xvr_node_registrations_by_quality", verdicts.get(verdict, 0), verdict=label)
     for name, index, help_text in (
         ("xvr_node_registration_seconds", 0, "Median refinement time per frame"),
         ("xvr_node_registration_similarity", 1, "Median final similarity per frame"),

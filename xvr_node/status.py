@@ -12,6 +12,7 @@ from xvr_node.catalog.models import (
     Job,
     Patient,
     PoseModel,
+    Registration,
     Series,
     Study,
     Usability,
@@ -54,6 +55,15 @@ def collect_status(session: Session) -> dict:
             for x in xrays
             if x.usability == Usability.UNUSABLE
         ]
+        verdicts = Counter(
+            session.scalars(
+                select(Registration.reliable)
+                .join(Instance, Registration.instance_id == Instance.id)
+                .join(Series)
+                .join(Study)
+                .where(Study.patient_id == patient.id, Registration.superseded_by_id.is_(None))
+            ).all()
+        )
         models = [
             {"id": m.id, "version": m.version, "state": m.state}
             for m in session.scalars(select(PoseModel).where(PoseModel.patient_id == patient.id))
@@ -69,6 +79,11 @@ def collect_status(session: Session) -> dict:
                     "waiting": counts.get(Usability.WAITING, 0),
                     "unusable": counts.get(Usability.UNUSABLE, 0),
                     "unusable_reasons": unusable,
+                },
+                "registrations": {
+                    "reliable": verdicts.get(True, 0),
+                    "unreliable": verdicts.get(False, 0),
+                    "unassessed": verdicts.get(None, 0),
                 },
                 "models": models,
             }
@@ -104,6 +119,13 @@ def format_status(report: dict) -> str:
         )
         for item in xrays["unusable_reasons"]:
             lines.append(f"    {item['sop_instance_uid']}: {item['reason']}")
+        done = patient["registrations"]
+        if any(done.values()):
+            unassessed = f", {done['unassessed']} unassessed" if done["unassessed"] else ""
+            lines.append(
+                f"  registered frames: {done['reliable']} reliable, "
+                f"{done['unreliable']} NOT reliable{unassessed}"
+            )
         if patient["models"]:
             models = ", ".join(f"v{m['version']} {m['state']}" for m in patient["models"])
             lines.append(f"  models: {models}")

@@ -453,6 +453,9 @@ class Registration(Base):
     iterations: Mapped[int | None]
     wall_time_s: Mapped[float | None] = mapped_column(Float)
     metrics: Mapped[dict[str, Any] | None]
+    # The quality gate's verdict (xvr_node.xvr.quality); NULL for results from before it.
+    reliable: Mapped[bool | None]
+    confidence: Mapped[float | None] = mapped_column(Float)
     superseded_by_id: Mapped[int | None] = mapped_column(
         ForeignKey("registrations.id", ondelete="SET NULL"), index=True
     )

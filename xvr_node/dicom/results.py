@@ -116,6 +116,9 @@ class RegistrationResult:
         1-based frames the pose holds for (Referenced Frame Number); ``None``: whole image.
     mirrored
         Whether the X-ray stores its columns mirrored (seen from the source).
+    reliable, confidence, quality_reasons
+        The quality gate's verdict: ``reliable`` is ``None`` for results from before the gate;
+        ``confidence`` in [0, 1]; the reasons say why a result is not reliable.
     """
 
     matrix: np.ndarray
@@ -128,6 +131,20 @@ class RegistrationResult:
     software_version: str
     frame_numbers: list[int] | None = field(default=None)
     mirrored: bool = False
+    reliable: bool | None = None
+    confidence: float | None = None
+    quality_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def verdict_words(self) -> str:
+        """The gate's verdict in words, for the overlay legend and the SR."""
+        if self.reliable is None:
+            return "not assessed"
+        if self.reliable:
+            return "reliable"
+        return "NOT RELIABLE" + (
+            ": " + "; ".join(self.quality_reasons) if self.quality_reasons else ""
+        )
 
     def __post_init__(self) -> None:
         matrix = np.array(self.matrix, dtype=np.float64)

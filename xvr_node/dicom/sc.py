@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from highdicom.sc import SCImage
 from PIL import Image, ImageDraw, ImageFont
@@ -20,10 +22,18 @@ from xvr_node.dicom.results import (
 )
 from xvr_node.geometry import patient_orientation
 
-#: Colour of the projected CT anatomy: saturated green is visible on any grey level.
+#: Colours of the projected CT anatomy: thin lines, each structure its own hue.
 EDGE_COLOUR = (0, 255, 0)
+CONTOUR_COLOURS = {
+    "bone": (255, 214, 0),  # amber
+    "lung": (0, 200, 255),  # cyan
+    "body": (120, 255, 120),  # pale green
+}
+FIELD_COLOUR = (150, 150, 255)  # the open field the similarity counted
 LEGEND_TEXT = (255, 255, 255)
 LEGEND_BACKGROUND = (0, 0, 0)
+RELIABLE_COLOUR = (0, 200, 0)
+UNRELIABLE_COLOUR = (230, 0, 0)
 
 #: Purpose of Reference of the Source Image Sequence item.
 SOURCE_IMAGE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
@@ -51,26 +61,32 @@ def window_to_uint8(
 
 def compose_overlay(
     xray_pixels: np.ndarray,
-    edges: np.ndarray,
+    contours: np.ndarray | Mapping[str, np.ndarray],
     legend: list[str],
     *,
+    field_outline: np.ndarray | None = None,
+    reliable: bool | None = None,
     colour: tuple[int, int, int] = EDGE_COLOUR,
 ) -> np.ndarray:
-    """The picture of a registration: windowed grey X-ray, coloured edges, a small legend.
+    """The picture of a registration: grey X-ray, thin anatomy contours, field, verdict.
 
     Parameters
     ----------
     xray_pixels
         One frame of the X-ray as stored, ``(rows, columns)``, any numeric dtype
         (MONOCHROME2: higher is brighter).
-    edges
-        Boolean ``(rows, columns)``: where the registered CT's projected anatomy has an
-        edge, in the stored pixel grid.
+    contours
+        Boolean ``(rows, columns)`` lines of the registered CT's projected anatomy in the
+        stored pixel grid: one array (drawn in ``colour``) or a mapping of structure name
+        (``bone``, ``lung``, ``body``) to array, each drawn in its :data:`CONTOUR_COLOURS`.
     legend
-        Text lines burned into the image corner that hides the fewest edge pixels
-        (top-left when none is hidden): pose source, similarity, ….
-    colour
-        RGB of the edges.
+        Text lines burned into the image corner that hides the fewest contour pixels; the
+        first line is the quality gate's verdict when ``reliable`` is given.
+    field_outline
+        Boolean outline of the open field the registration counted, drawn faintly.
+    reliable
+        The gate's verdict: ``False`` frames the image in red and puts the legend on red, so
+        a wrong result never looks like a good one; ``None``: not assessed.
 
     Returns
     -------
@@ -80,21 +96,48 @@ def compose_overlay(
     pixels = np.asarray(xray_pixels)
     if pixels.ndim != 2:
         raise ValueError(f"xray_pixels must be one frame (rows, columns), got {pixels.shape}")
-    edges = np.asarray(edges, dtype=bool)
-    if edges.shape != pixels.shape:
-        raise ValueError(f"edges has shape {edges.shape}, the X-ray {pixels.shape}")
+    layers = (
+        {"": np.asarray(contours, dtype=bool)}
+        if isinstance(contours, np.ndarray)
+        else {name: np.asarray(mask, dtype=bool) for name, mask in contours.items()}
+    )
+    for name, mask in layers.items():
+        if mask.shape != pixels.shape:
+            raise ValueError(
+                f"contour {name or 'edges'} has shape {mask.shape}, X-ray {pixels.shape}"
+            )
     grey = window_to_uint8(pixels)
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
-    rgb[edges] = colour
+    if field_outline is not None:
+        rgb[np.asarray(field_outline, dtype=bool)] = FIELD_COLOUR
+    drawn = np.zeros(pixels.shape, dtype=bool)
+    for name, mask in layers.items():
+        rgb[mask] = CONTOUR_COLOURS.get(name, colour)
+        drawn |= mask
+    if reliable is False:
+        border = max(2, round(min(pixels.shape) / 100))
+        rgb[:border], rgb[-border:] = UNRELIABLE_COLOUR, UNRELIABLE_COLOUR
+        rgb[:, :border], rgb[:, -border:] = UNRELIABLE_COLOUR, UNRELIABLE_COLOUR
     if legend:
         image = Image.fromarray(rgb)
         draw = ImageDraw.Draw(image)
         font = _legend_font(pixels.shape[0])
         text = "\n".join(legend)
-        _, _, width, height = draw.multiline_textbbox((0, 0), text, font=font, spacing=1)
-        x, y = _quietest_corner(edges, width + 4, height + 3)
-        draw.rectangle((x, y, x + width + 3, y + height + 2), fill=LEGEND_BACKGROUND)
-        draw.multiline_text((x + 2, y + 1), text, fill=LEGEND_TEXT, font=font, spacing=1)
+        _, _, width, height = draw.multiline_textbbox((0, 0), text, font=font, spacing=2)
+        x, y = _quietest_corner(drawn, width + 6, height + 5)
+        background = {False: UNRELIABLE_COLOUR}.get(reliable, LEGEND_BACKGROUND)
+        draw.rectangle((x, y, x + width + 5, y + height + 4), fill=background)
+        if reliable is True:
+            first = legend[0]
+            draw.text((x + 3, y + 2), first, fill=RELIABLE_COLOUR, font=font)
+            rest = "\n".join(legend[1:])
+            _, _, _, first_height = draw.textbbox((0, 0), first, font=font)
+            if rest:
+                draw.multiline_text(
+                    (x + 3, y + 4 + first_height), rest, fill=LEGEND_TEXT, font=font, spacing=2
+                )
+        else:
+            draw.multiline_text((x + 3, y + 2), text, fill=LEGEND_TEXT, font=font, spacing=2)
         rgb = np.asarray(image, dtype=np.uint8).copy()
     return rgb
 
@@ -121,10 +164,17 @@ def _legend_font(rows: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def overlay_legend(result: RegistrationResult) -> list[str]:
-    """The default legend: where the pose came from, how well it fits, who drew it."""
-    lines = [f"pose: {result.initializer}", f"similarity {result.similarity:.3f}"]
+    """The legend: the gate's verdict first, then where the pose came from and who drew it."""
+    lines = []
+    if result.reliable is not None:
+        confidence = "" if result.confidence is None else f" (confidence {result.confidence:.2f})"
+        lines.append(("reliable" if result.reliable else "NOT RELIABLE") + confidence)
+        if not result.reliable:
+            lines.extend(f"- {reason}" for reason in result.quality_reasons[:3])
+    lines += [f"pose: {result.initializer}", f"similarity {result.similarity:.3f}"]
     if result.frame_numbers is not None:
         lines.append("frame " + ",".join(str(f) for f in result.frame_numbers))
+    lines.append("amber: bone, cyan: lung (CT at this pose)")
     lines.append(f"xvr-node {result.software_version}")
     return lines
 
@@ -201,6 +251,8 @@ def build_overlay(
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = DERIVATION_DESCRIPTION
+    if result.reliable is not None:
+        sc.ImageComments = f"Registration {result.verdict_words}"[:10240]
     sc.SourceImageSequence = DicomSequence([_source_image(xray, result)])
     return sc
 

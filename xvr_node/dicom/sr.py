@@ -52,6 +52,8 @@ FINAL_SIMILARITY = _private("XVR003", "Final image similarity")
 ITERATIONS = _private("XVR004", "Optimizer iterations")
 WALL_TIME = _private("XVR005", "Registration wall time")
 POSE_INITIALIZER = _private("XVR010", "Pose initializer")
+REGISTRATION_QUALITY = _private("XVR011", "Registration quality")
+CONFIDENCE = _private("XVR006", "Registration confidence")
 PROCEDURE = _private("XVR100", "2D/3D registration of X-ray to CT")
 FINDING = _private("XVR101", "X-ray pose in CT")
 
@@ -62,6 +64,12 @@ INITIALIZER_CODES = {
     "fixed": _private("XVR022", "Fixed starting pose"),
     "multistart": _private("XVR023", "Multiple starting poses"),
     "tracking": _private("XVR024", "Pose of the previous frame"),
+}
+
+#: Coded values of the Registration quality evaluation (the quality gate's verdict).
+QUALITY_CODES = {
+    True: _private("XVR030", "Reliable"),
+    False: _private("XVR031", "Not reliable"),
 }
 
 MM = _ucum("mm", "millimeter")
@@ -86,7 +94,7 @@ def coding_scheme_identification() -> CodingSchemeIdentificationItem:
 
 def build_measurement_report(
     xray: Dataset,
-    sro: Dataset,
+    sro: Dataset | None,
     result: RegistrationResult,
     *,
     series_instance_uid: str | None = None,
@@ -108,7 +116,7 @@ def build_measurement_report(
     sro
         The Spatial Registration object of the same result
         (:func:`~xvr_node.dicom.sro.build_spatial_registration`): Current Requested
-        Procedure Evidence.
+        Procedure Evidence. ``None`` when none is sent (a result the gate found unreliable).
     result
         The figures to report.
     series_instance_uid
@@ -124,9 +132,9 @@ def build_measurement_report(
         A highdicom ``ComprehensiveSR`` (Explicit VR Little Endian).
     """
     check_xray(xray, result)
-    if sro.get("SOPClassUID") != SPATIAL_REGISTRATION_SOP_CLASS:
+    if sro is not None and sro.get("SOPClassUID") != SPATIAL_REGISTRATION_SOP_CLASS:
         raise ValueError("sro: SOP Class UID (0008,0016) is not Spatial Registration Storage")
-    if sro.get("StudyInstanceUID") != xray.StudyInstanceUID:
+    if sro is not None and sro.get("StudyInstanceUID") != xray.StudyInstanceUID:
         raise ValueError("sro: Study Instance UID (0020,000D) is not the X-ray's study")
     if instance_number < 1:
         raise ValueError(f"Instance Number (0020,0013) must be positive, got {instance_number}")
@@ -151,10 +159,18 @@ def build_measurement_report(
         measurement(ITERATIONS, result.iterations, ITERATION_UNIT),
         measurement(WALL_TIME, result.wall_time_s, SECONDS),
     ]
+    if result.confidence is not None:
+        measurements.append(measurement(CONFIDENCE, result.confidence, NO_UNITS))
     parameters = [
         f"initializer: {result.initializer}",
         f"model: {result.model_id or 'none'}",
+        f"quality: {result.verdict_words}",
     ]
+    evaluations = [QualitativeEvaluation(POSE_INITIALIZER, INITIALIZER_CODES[result.initializer])]
+    if result.reliable is not None:
+        evaluations.append(
+            QualitativeEvaluation(REGISTRATION_QUALITY, QUALITY_CODES[result.reliable])
+        )
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier="X-ray pose"),
         finding_type=FINDING,
@@ -165,9 +181,7 @@ def build_measurement_report(
             manufacturer=MANUFACTURER,
         ),
         measurements=measurements,
-        qualitative_evaluations=[
-            QualitativeEvaluation(POSE_INITIALIZER, INITIALIZER_CODES[result.initializer])
-        ],
+        qualitative_evaluations=evaluations,
     )
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
@@ -184,7 +198,7 @@ def build_measurement_report(
         imaging_measurements=[group],
     )
     sr = ComprehensiveSR(
-        evidence=[xray, sro],
+        evidence=[xray] if sro is None else [xray, sro],
         content=report,
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,

@@ -43,6 +43,7 @@ from xvr_node.jobs.register import Registrars, StartPolicy, register_instance
 from xvr_node.jobs.retention import purge_originals
 from xvr_node.jobs.triggers import queue_export, queue_finetune, ready_model
 from xvr_node.jobs.worker import Handler, JobContext, JobYielded, PermanentJobError, noop
+from xvr_node.xvr.field import field_of_view
 from xvr_node.xvr.register import RefineSettings
 
 LOG = logging.getLogger(__name__)
@@ -316,9 +317,10 @@ class Pipeline:
             kind: generate_uid(entropy_srcs=[instance.sop_instance_uid, kind, str(rows[0].id)])
             for kind in ("sro", "sr", "sc")
         }
-        stored = 0
+        stored = stored_objects = 0
         for row in rows:
             objects = self._result_objects(xray, ct_headers, row, volume, mirrored, series)
+            stored_objects += len(objects)
             stored += len(
                 store_result_objects(
                     session, self.store, objects, self.settings.destinations, row.id
@@ -326,7 +328,7 @@ class Pipeline:
             )
         delivery = deliver_configured(session, self.store, self.settings, context.now())
         return {
-            "objects": 3 * len(rows),
+            "objects": stored_objects,
             "queued": stored,
             "sent": delivery["sent"],
             "retrying": delivery["retrying"],
@@ -352,12 +354,18 @@ class Pipeline:
         mirrored: bool,
         series: dict[str, str],
     ) -> list[tuple[str, Dataset]]:
-        from xvr_node.xvr.visualize import edges, render_views
+        """SR and overlay SC of one result, and its SRO unless the gate found it unreliable.
+
+        An unreliable result's SRO is withheld (``registration.send_unreliable`` sends it
+        anyway): a viewer would apply it silently, where SR and overlay say what it is worth.
+        """
+        from xvr_node.xvr.visualize import anatomy_contours
 
         frame_number = None if row.frame_index is None else row.frame_index + 1
         model_label = None
         if row.model is not None:
             model_label = f"model {row.model.id} v{row.model.version}"
+        quality = (row.metrics or {}).get("quality", {})
         result = RegistrationResult(
             matrix=np.asarray(row.final_matrix),
             intrinsics=Intrinsics.from_json(row.intrinsics),
@@ -369,30 +377,44 @@ class Pipeline:
             software_version=__version__,
             frame_numbers=None if frame_number is None else [frame_number],
             mirrored=mirrored,
+            reliable=row.reliable,
+            confidence=row.confidence,
+            quality_reasons=list(quality.get("reasons", [])),
         )
         number = frame_number or 1
-        sro = build_spatial_registration(
-            xray, ct_headers, result, series_instance_uid=series["sro"], instance_number=number
-        )
+        objects: list[tuple[str, Dataset]] = []
+        sro = None
+        if row.reliable is not False or self.settings.registration.send_unreliable:
+            sro = build_spatial_registration(
+                xray, ct_headers, result, series_instance_uid=series["sro"], instance_number=number
+            )
+            objects.append(("sro", sro))
+        else:
+            LOG.warning(
+                "unreliable result: no SRO sent",
+                extra={
+                    "event": "sro_withheld",
+                    "registration": row.id,
+                    "reasons": quality.get("reasons"),
+                },
+            )
         sr = build_measurement_report(
             xray, sro, result, series_instance_uid=series["sr"], instance_number=number
         )
         registrar = self.registrars.for_volume(volume)
-        (drr,) = render_views(
-            result.intrinsics,
-            registrar.volume,
-            [result.matrix],
-            registrar.orientation,
-            device=self.device,
+        contours = anatomy_contours(
+            result.intrinsics, registrar.volume, result.matrix, registrar.orientation, self.device
         )
-        outline = edges(drr)
-        if mirrored:  # the image plane's columns run the other way in the stored pixels
-            outline = outline[:, ::-1]
         pixels = xray.pixel_array
         if int(xray.get("NumberOfFrames", 1) or 1) > 1:
             pixels = pixels[number - 1]
-        rgb = compose_overlay(pixels, outline, overlay_legend(result))
+        field = field_of_view(xray, pixels).outline()
+        if mirrored:  # the image plane's columns run the other way in the stored pixels
+            contours = {name: mask[:, ::-1] for name, mask in contours.items()}
+        rgb = compose_overlay(
+            pixels, contours, overlay_legend(result), field_outline=field, reliable=row.reliable
+        )
         sc = build_overlay(
             xray, rgb, result, series_instance_uid=series["sc"], instance_number=number
         )
-        return [("sro", sro), ("sr", sr), ("sc", sc)]
+        return [*objects, ("sr", sr), ("sc", sc)]

@@ -18,7 +18,9 @@ from xvr_node.config import RegistrationSettings
 from xvr_node.ct_volume import CtVolume
 from xvr_node.dicom.storage import FileStore
 from xvr_node.geometry import reverse_x_axis_for
-from xvr_node.xvr.initialize import ModelInitializer, best_start
+from xvr_node.xvr.initialize import ModelInitializer
+from xvr_node.xvr.multistart import SearchSettings, StartChoice, choose_start
+from xvr_node.xvr.quality import GateSettings, assess
 from xvr_node.xvr.register import RefineSettings, Registrar
 from xvr_node.xvr.run import FixedStart, initial_matrix
 from xvr_node.xvr.xray import XrayFrame, read_xray_frames
@@ -89,6 +91,8 @@ class StartPolicy:
     model: ModelInitializer | None = None
     model_id: int | None = None
     multistart: bool = False
+    search: SearchSettings = field(default_factory=SearchSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
 
     @classmethod
     def from_settings(
@@ -106,10 +110,12 @@ class StartPolicy:
             pose.inplane_deg,
         )
         order = tuple(registration.initializers)
-        return cls(order, fixed, model, model_id, registration.multistart)
+        search = SearchSettings(**registration.multistart_search.model_dump())
+        gate = GateSettings(**registration.quality.model_dump())
+        return cls(order, fixed, model, model_id, registration.multistart, search, gate)
 
-    def choose(self, registrar: Registrar, frame: XrayFrame) -> tuple[str, np.ndarray, dict]:
-        """(initializer, start matrix, multi-start's choice and every candidate's score)."""
+    def choose(self, registrar: Registrar, frame: XrayFrame) -> StartChoice:
+        """The start to refine: with multi-start, the best after a short coarse refinement."""
         candidates: dict[str, np.ndarray] = {}
         for name in self.order:
             try:
@@ -121,13 +127,12 @@ class StartPolicy:
                     candidates[name] = initial_matrix(registrar, frame, "fixed", self.fixed)
             except ValueError as error:  # e.g. the X-ray covers too little of the model's view
                 LOG.warning("%s: %s start skipped: %s", frame.name, name, error)
-        if self.multistart and len(candidates) > 1:
-            name, matrix, scores = best_start(registrar, frame, candidates)
-            return Initializer.MULTISTART, matrix, {"chosen": name, "scores": scores}
         if not candidates:
             raise ValueError(f"{frame.name}: none of the initializers {list(self.order)} applies")
+        if self.multistart:
+            return choose_start(registrar, frame, candidates, self.search)
         name = next(iter(candidates))
-        return name, candidates[name], {}
+        return StartChoice(name, candidates[name], float("nan"), None, refined_levels=0)
 
 
 def register_instance(
@@ -161,15 +166,19 @@ def register_instance(
     previous: np.ndarray | None = None
     for index, frame in enumerate(frames):
         began = time.perf_counter()
-        scores: dict = {}
         if previous is not None:
-            start, initializer = previous, Initializer.TRACKING
+            choice = StartChoice(Initializer.TRACKING, previous, float("nan"), None, 0)
+            initializer = Initializer.TRACKING
         else:
-            initializer, start, scores = policy.choose(registrar, frame)
+            choice = policy.choose(registrar, frame)
+            initializer = Initializer.MULTISTART if policy.multistart else choice.name
         initialise_s = time.perf_counter() - began
-        outcome = registrar.register(frame, start)
+        outcome = registrar.register(frame, choice.matrix, first_level=choice.refined_levels)
+        refined_s = time.perf_counter() - began - initialise_s
+        verdict = assess(registrar, frame, outcome, choice.margin, policy.gate)
         previous = outcome.final_matrix
-        used_model = Initializer.MODEL in (initializer, scores.get("chosen"))
+        scores = choice.summary() if choice.candidates else {}
+        used_model = choice.name.startswith(Initializer.MODEL)
         row = Registration(
             instance_id=instance.id,
             frame_index=index if len(frames) > 1 else None,
@@ -188,13 +197,21 @@ def register_instance(
             similarity=outcome.similarity,
             iterations=outcome.iterations,
             wall_time_s=outcome.wall_time_s,
+            reliable=verdict.reliable,
+            confidence=verdict.confidence,
             metrics={
                 "timings": {
                     "read_s": round(read_s, 4),
                     "initialise_s": round(initialise_s, 4),
                     "refine_s": round(outcome.wall_time_s, 4),
+                    "gate_s": round(time.perf_counter() - began - initialise_s - refined_s, 4),
                 },
                 "start_scores": scores,
+                "quality": verdict.to_json(),
+                "field_of_view": {
+                    "sources": list(frame.field_sources),
+                    "open_fraction": round(float(frame.open_field().mean()), 4),
+                },
                 # With the start matrix, intrinsics and CT volume: enough to run it again.
                 "refine": {
                     key: list(value) if isinstance(value, tuple) else value
@@ -217,6 +234,8 @@ def register_instance(
                 "frame": index,
                 "initializer": str(initializer),
                 "similarity": round(outcome.similarity, 4),
+                "reliable": verdict.reliable,
+                "confidence": round(verdict.confidence, 3),
                 "seconds": round(outcome.wall_time_s, 1),
             },
         )

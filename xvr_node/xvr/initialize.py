@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -296,28 +295,3 @@ def available_starts(
     if fixed is not None:
         candidates["fixed"] = initial_matrix(registrar, frame, "fixed", fixed)
     return candidates
-
-
-def best_start(
-    registrar: Registrar, frame: XrayFrame, candidates: Mapping[str, np.ndarray]
-) -> tuple[str, np.ndarray, dict[str, float]]:
-    """The candidate that already looks most like the X-ray, judged at the coarsest scale.
-
-    Scoring is one render per candidate, so trying every start costs less than one
-    refinement iteration at the finest scale, and a wrong header or a poor prediction no
-    longer decides the outcome. Returns (name, matrix, every candidate's score).
-    """
-    if not candidates:
-        raise ValueError(f"{frame.name}: no start pose to choose from")
-    scores: dict[str, float] = {}
-    for name, matrix in candidates.items():
-        score = registrar.score(frame, np.asarray(matrix, dtype=float))
-        scores[name] = score if math.isfinite(score) else -math.inf
-    name = max(scores, key=lambda key: scores[key])
-    LOG.info(
-        "%s: multi-start chose %s (%s)",
-        frame.name,
-        name,
-        ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
-    )
-    return name, np.asarray(candidates[name], dtype=float), scores

@@ -92,6 +92,120 @@ def image_similarity(
     return score
 
 
+# --- masked similarity: only pixels that see the patient through the open field ------------
+
+#: Similarity methods :func:`masked_similarity` knows. ``mncc_gncc`` is XVR.md's reference;
+#: ``robust`` first removes each image's smooth background (scatter, table, heel effect,
+#: vignetting, a vendor's LUT curvature over the field), then scores the same three terms.
+SIMILARITIES = ("robust", "mncc_gncc")
+
+
+def inside(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Windows of ``size``² pixels that lie wholly inside ``mask`` (B, 1, H−size+1, W−size+1)."""
+    return F.avg_pool2d(mask, size, stride=1) > 0.999
+
+
+def _masked_moments(image: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    total = weight.sum(dim=(-1, -2, -3), keepdim=True).clamp(min=1.0)
+    mean = (image * weight).sum(dim=(-1, -2, -3), keepdim=True) / total
+    var = ((image - mean).square() * weight).sum(dim=(-1, -2, -3), keepdim=True) / total
+    return mean, var
+
+
+def _masked_standardize(image: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    mean, var = _masked_moments(image, weight)
+    return (image - mean) / (var.sqrt() + 1e-8 * (1.0 + mean.abs())) * weight
+
+
+def _masked_global_ncc(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    total = weight.sum(dim=(-1, -2, -3)).clamp(min=1.0)
+    mean1 = (x1 * weight).sum(dim=(-1, -2, -3)) / total
+    mean2 = (x2 * weight).sum(dim=(-1, -2, -3)) / total
+    d1 = (x1 - mean1[:, None, None, None]) * weight
+    d2 = (x2 - mean2[:, None, None, None]) * weight
+    cov = (d1 * d2).sum(dim=(-1, -2, -3)) / total
+    var1 = d1.square().sum(dim=(-1, -2, -3)) / total
+    var2 = d2.square().sum(dim=(-1, -2, -3)) / total
+    return cov / torch.sqrt((var1 + EPS) * (var2 + EPS))
+
+
+def _masked_windowed_ncc(
+    x1: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, patch_size: int
+) -> torch.Tensor:
+    """Mean NCC over the windows wholly inside ``mask`` (channels averaged): (B,)."""
+    size = min(patch_size, x1.shape[-1], x1.shape[-2])
+    mean1 = F.avg_pool2d(x1, size, stride=1)
+    mean2 = F.avg_pool2d(x2, size, stride=1)
+    var1 = (F.avg_pool2d(x1 * x1, size, stride=1) - mean1 * mean1).clamp(min=0.0)
+    var2 = (F.avg_pool2d(x2 * x2, size, stride=1) - mean2 * mean2).clamp(min=0.0)
+    cov = F.avg_pool2d(x1 * x2, size, stride=1) - mean1 * mean2
+    ncc = cov / torch.sqrt((var1 + EPS) * (var2 + EPS))
+    valid = inside(mask, size).to(ncc.dtype).expand_as(ncc)
+    return (ncc * valid).sum(dim=(1, 2, 3)) / valid.sum(dim=(1, 2, 3)).clamp(min=1.0)
+
+
+def smooth_background(image: torch.Tensor, weight: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Normalised-convolution Gaussian blur of ``image`` over ``weight`` (the open field)."""
+    radius = max(1, int(3 * sigma_px))
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    kernel = torch.exp(-0.5 * (x / sigma_px) ** 2)
+    kernel = kernel / kernel.sum()
+
+    def blur(values: torch.Tensor) -> torch.Tensor:
+        values = F.conv2d(
+            F.pad(values, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1)
+        )
+        return F.conv2d(
+            F.pad(values, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1)
+        )
+
+    return blur(image * weight) / blur(weight).clamp(min=1e-3)
+
+
+def masked_similarity(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    method: str = "robust",
+    beta: float = 0.5,
+    patch_ncc: int = 9,
+    patch_grad: int = 11,
+) -> torch.Tensor:
+    """Similarity of (B, 1, H, W) images counted inside ``mask`` (1 inside, 0 outside): (B,).
+
+    ``mncc_gncc`` is β·mNCC + (1 − β)·gradient-NCC (XVR.md), every term restricted to the
+    mask: global moments are weighted by it, and only patches wholly inside it count. With
+    ``robust`` each image first loses its smooth background (a Gaussian of 1/8 of the image,
+    normalised over the mask), which the X-ray has and the DRR lacks. Both are invariant to a
+    positive affine change of either image's intensities.
+    """
+    if method not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, not {method!r}")
+    if fixed.shape != moving.shape:
+        raise ValueError(f"images differ in shape: {tuple(fixed.shape)} vs {tuple(moving.shape)}")
+    if mask is None:
+        mask = torch.ones_like(fixed[:1])
+    mask = mask.to(fixed.dtype).expand(fixed.shape[0], 1, *fixed.shape[-2:])
+    if method == "robust":
+        sigma = max(1.0, min(fixed.shape[-2:]) / 8.0)
+        fixed = fixed - smooth_background(fixed, mask, sigma)
+        moving = moving - smooth_background(moving, mask, sigma)
+    fixed = _masked_standardize(fixed, mask)
+    moving = _masked_standardize(moving, mask)
+    score = beta * (
+        0.5 * _masked_global_ncc(fixed, moving, mask)
+        + 0.5 * _masked_windowed_ncc(fixed, moving, mask, patch_ncc)
+    )
+    if beta < 1.0:
+        # A Sobel gradient is valid where its 3x3 neighbourhood is inside the field.
+        gradient_mask = inside(mask, 3).to(fixed.dtype)
+        score = score + (1.0 - beta) * _masked_windowed_ncc(
+            sobel(fixed), sobel(moving), gradient_mask, patch_grad
+        )
+    return score
+
+
 def geodesic_distance(
     pred: RigidTransform, true: RigidTransform, sdd_mm: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,21 +12,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffdrr.pose import RigidTransform, convert
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from scipy.spatial import ConvexHull
 
 from xvr_node.ct_volume import CtVolume
-from xvr_node.geometry import CarmPose, Intrinsics, pose_to_euler_zxy
-from xvr_node.xvr.losses import image_similarity
+from xvr_node.geometry import CarmPose, Intrinsics, pose_to_euler_zxy, project
+from xvr_node.xvr.losses import masked_similarity
 from xvr_node.xvr.renderer import make_drr
 from xvr_node.xvr.xray import XrayFrame, line_integrals
 
 LOG = logging.getLogger(__name__)
+
+#: Margin inside the CT's projected footprint, as a fraction of the level's shorter side.
+FOOTPRINT_MARGIN = 0.03
 
 
 @dataclass(frozen=True)
 class RefineSettings:
     """The refinement schedule (XVR.md "Refine"); every value comes from configuration."""
 
-    scales: Sequence[float] = (24, 12, 6)  # detector downsampling factors, coarse to fine
+    # Coarse-to-fine levels by the size they reach: the image's shorter side in pixels.
+    levels_px: Sequence[int] = (32, 64, 128)
+    # Explicit detector downsampling factors instead (coarse to fine); None: from levels_px.
+    scales: Sequence[float] | None = None
+    similarity: str = "robust"  # see xvr_node.xvr.losses.SIMILARITIES
     beta: float = 0.5  # weight of mNCC against gradient-NCC
     lr_rotation: float = 1e-2  # rad
     lr_translation: float = 1.0  # mm
@@ -58,6 +68,22 @@ class RefineSettings:
             if hasattr(registration, source):
                 values[target] = getattr(registration, source)
         return cls(**values)
+
+    def scales_for(self, intrinsics: Intrinsics) -> tuple[float, ...]:
+        """Downsampling factors for this detector, coarse to fine.
+
+        From ``levels_px`` each level's factor brings the shorter side to that many pixels;
+        levels at or above the detector's own size collapse into full resolution, once.
+        """
+        if self.scales:
+            return tuple(float(scale) for scale in self.scales)
+        shorter = min(intrinsics.rows, intrinsics.columns)
+        factors: list[float] = []
+        for level in self.levels_px:
+            factor = max(1.0, shorter / float(level))
+            if not factors or factor < factors[-1]:
+                factors.append(factor)
+        return tuple(factors)
 
 
 @dataclass
@@ -92,6 +118,7 @@ class Registrar:
         self.labels = labels
         self._renderers: dict[tuple, tuple] = {}
         self._volumes: dict[tuple[int, int, int], CtVolume] = {}
+        self._fixed_cache: dict[tuple[int, float], tuple[XrayFrame, tuple]] = {}
 
     # --- initial poses -----------------------------------------------------------------
 
@@ -126,12 +153,65 @@ class Registrar:
 
     def score(self, frame: XrayFrame, matrix: np.ndarray, scale: float | None = None) -> float:
         """Similarity of a pose at one scale (coarsest by default): multi-start's judge."""
-        scale = scale or self.settings.scales[0]
-        fixed, crop = self._fixed_image(frame, scale)
+        scale = scale or self.settings.scales_for(frame.intrinsics)[0]
+        fixed, mask, crop = self._fixed_image(frame, scale)
         render = self._renderer(frame.intrinsics, scale)
+        mask = mask * self._footprint(frame, [matrix], scale)
         with torch.no_grad():
             moving = render(self._pose_tensor(matrix, frame.intrinsics))
-            return float(self._similarity(fixed, moving, crop))
+            return float(self._similarity(fixed, moving, mask, crop).mean())
+
+    def score_batch(
+        self, frame: XrayFrame, matrices: Sequence[np.ndarray], scale: float
+    ) -> np.ndarray:
+        """Similarity of several poses at one scale, rendered as one batch: (N,)."""
+        fixed, mask, crop = self._fixed_image(frame, scale)
+        render = self._renderer(frame.intrinsics, scale)
+        mask = mask * self._footprint(frame, matrices, scale)
+        with torch.no_grad():
+            moving = render(self._pose_tensor(np.stack(matrices), frame.intrinsics))
+            scores = self._similarity(fixed.expand_as(moving), moving, mask, crop)
+        return scores.cpu().double().numpy()
+
+    def short_refine(
+        self, frame: XrayFrame, matrices: Sequence[np.ndarray], scale: float, iterations: int
+    ) -> list[np.ndarray]:
+        """A few Adam steps of several starts at once, at one scale: multi-start's judge.
+
+        Adam's update is elementwise, so optimising the batch's summed similarity moves each
+        start exactly as it would move alone; one batched render serves them all.
+        """
+        s = self.settings
+        poses = [self.frame.pose_from_matrix(m, frame.intrinsics) for m in matrices]
+        eulers = [pose_to_euler_zxy(pose) for pose in poses]
+        rotation = torch.nn.Parameter(
+            torch.tensor(
+                np.deg2rad([a for a, _ in eulers]), dtype=torch.float32, device=self.device
+            )
+        )
+        shift = torch.nn.Parameter(
+            torch.tensor(np.array([t for _, t in eulers]), dtype=torch.float32, device=self.device)
+        )
+        fixed, mask, crop = self._fixed_image(frame, scale)
+        mask = mask * self._footprint(frame, matrices, scale)
+        render = self._renderer(frame.intrinsics, scale)
+        optimizer = torch.optim.Adam(
+            [
+                {"params": [rotation], "lr": s.lr_rotation},
+                {"params": [shift], "lr": s.lr_translation},
+            ],
+            maximize=True,
+        )
+        for _ in range(iterations):
+            optimizer.zero_grad()
+            pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
+            moving = render(pose)
+            self._similarity(fixed.expand_as(moving), moving, mask, crop).sum().backward()
+            optimizer.step()
+        with torch.no_grad():
+            pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
+            matrices_out = pose.matrix.detach().double().cpu().numpy()
+        return [self.frame.matrix_from_pose(m, frame.intrinsics) for m in matrices_out]
 
     def register(
         self,
@@ -139,8 +219,12 @@ class Registrar:
         initial_matrix: np.ndarray,
         progress: Callable[[dict], None] | None = None,
         keep_poses: bool = False,
+        first_level: int = 0,
     ) -> Outcome:
-        """Refine ``initial_matrix`` (image plane → CT LPS) against ``frame``, coarse to fine."""
+        """Refine ``initial_matrix`` (image plane → CT LPS) against ``frame``, coarse to fine.
+
+        ``first_level`` skips the coarsest levels, for a start multi-start already refined there.
+        """
         started = time.perf_counter()
         s = self.settings
         angles, translation = pose_to_euler_zxy(
@@ -154,9 +238,18 @@ class Registrar:
         poses: list[np.ndarray] = []
         iterations = 0
         best = -math.inf
-        step = 1.0
-        for scale_index, scale in enumerate(s.scales):
-            fixed, crop = self._fixed_image(frame, scale)
+        scales = s.scales_for(frame.intrinsics)
+        first_level = min(first_level, len(scales) - 1)
+        step = s.lr_shrink**first_level
+        for scale_index, scale in enumerate(scales[first_level:], start=first_level):
+            fixed, mask, crop = self._fixed_image(frame, scale)
+            with torch.no_grad():
+                level_start = convert(
+                    rotation, shift, parameterization="euler_angles", convention="ZXY"
+                )
+            mask = mask * self._footprint(
+                frame, [self._matrix(level_start, frame.intrinsics)], scale
+            )
             render = self._renderer(frame.intrinsics, scale)
             scale_started = time.perf_counter()
             optimizer = torch.optim.Adam(
@@ -178,7 +271,7 @@ class Registrar:
                 optimizer.zero_grad()
                 pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
                 moving = render(pose)
-                similarity = self._similarity(fixed, moving, crop)
+                similarity = self._similarity(fixed, moving, mask, crop).mean()
                 similarity.backward()
                 optimizer.step()
                 lr_before = optimizer.param_groups[0]["lr"]
@@ -214,7 +307,7 @@ class Registrar:
         with torch.no_grad():
             pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
             final = self._matrix(pose, frame.intrinsics)
-            final_similarity = self.score(frame, final, s.scales[-1])
+            final_similarity = self.score(frame, final, scales[-1])
         return Outcome(
             initial_matrix=np.asarray(initial_matrix, dtype=float),
             final_matrix=final,
@@ -296,36 +389,91 @@ class Registrar:
         return tuple(int(max(1, np.floor(target / s))) for s in spacing)
 
     def _fixed_image(self, frame: XrayFrame, scale: float):
-        """The X-ray's line integrals, area-resampled to this scale, and its field crop."""
+        """The X-ray's line integrals and open-field mask at this scale, and the mask's box.
+
+        Both are area-resampled; a coarse pixel counts as open only if all of it was.
+        """
+        key = (id(frame), scale)
+        cached = self._fixed_cache.get(key)
+        if cached is not None and cached[0] is frame:
+            return cached[1]
         rows, columns = self._size_at(frame.intrinsics, scale)
-        full_rows, full_columns = frame.intrinsics.rows, frame.intrinsics.columns
         image = torch.as_tensor(line_integrals(frame), dtype=torch.float32, device=self.device)
         image = F.interpolate(image[None, None], size=(rows, columns), mode="area")
-        top, bottom, left, right = frame.field
-        sy, sx = rows / full_rows, columns / full_columns
-        crop = (
-            math.ceil(top * sy),
-            math.floor(bottom * sy),
-            math.ceil(left * sx),
-            math.floor(right * sx),
+        open_field = torch.as_tensor(
+            np.ascontiguousarray(frame.open_field()), dtype=torch.float32, device=self.device
         )
-        return image, crop
+        mask = F.interpolate(open_field[None, None], size=(rows, columns), mode="area") > 0.999
+        mask = mask.to(torch.float32)
+        rows_open = torch.nonzero(mask[0, 0].any(dim=1)).flatten()
+        columns_open = torch.nonzero(mask[0, 0].any(dim=0)).flatten()
+        if rows_open.numel() == 0:
+            raise ValueError(f"{frame.name}: no open field left at {rows}x{columns} pixels")
+        crop = (
+            int(rows_open[0]),
+            int(rows_open[-1]) + 1,
+            int(columns_open[0]),
+            int(columns_open[-1]) + 1,
+        )
+        # One frame at a time: the cache holds the current frame's pyramid only.
+        self._fixed_cache = {k: v for k, v in self._fixed_cache.items() if v[0] is frame}
+        self._fixed_cache[key] = (frame, (image, mask, crop))
+        return image, mask, crop
 
-    def _similarity(self, fixed: torch.Tensor, moving: torch.Tensor, crop) -> torch.Tensor:
+    def _footprint(
+        self, frame: XrayFrame, matrices: Sequence[np.ndarray], scale: float
+    ) -> torch.Tensor:
+        """Where each pose's rays cross the CT's box, shrunk by a margin: (N, 1, rows, cols).
+
+        Outside it the X-ray shows anatomy the CT never scanned (a CT shorter than the
+        X-ray's field), which no pose can explain; counting it biases the optimum.
+        """
+        rows, columns = self._size_at(frame.intrinsics, scale)
+        full = frame.intrinsics
+        n = np.asarray(self.volume.hu.shape) - 0.5
+        corners = self.volume.voxel_to_lps(
+            np.array([[i, j, k] for i in (-0.5, n[0]) for j in (-0.5, n[1]) for k in (-0.5, n[2])])
+        )
+        margin = max(1, round(FOOTPRINT_MARGIN * min(rows, columns)))
+        masks = []
+        for matrix in matrices:
+            try:
+                uv = project(np.asarray(matrix, dtype=float), full, corners)
+            except ValueError:  # a corner behind the source: no meaningful footprint
+                masks.append(np.ones((rows, columns), dtype=bool))
+                continue
+            points = np.c_[
+                (uv[:, 0] + 0.5) * columns / full.columns - 0.5,
+                (uv[:, 1] + 0.5) * rows / full.rows - 0.5,
+            ]
+            hull = points[ConvexHull(points).vertices]
+            canvas = Image.new("1", (columns, rows), 0)
+            ImageDraw.Draw(canvas).polygon([tuple(p) for p in hull], fill=1)
+            inside = np.asarray(canvas, dtype=bool)
+            masks.append(ndimage.binary_erosion(inside, iterations=margin, border_value=1))
+        stacked = torch.as_tensor(np.stack(masks), dtype=torch.float32, device=self.device)
+        return stacked[:, None]
+
+    def _similarity(
+        self, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, crop
+    ) -> torch.Tensor:
         top, bottom, left, right = crop
         s = self.settings
-        return image_similarity(
+        return masked_similarity(
             fixed[..., top:bottom, left:right],
             moving[..., top:bottom, left:right],
+            mask[..., top:bottom, left:right],
+            method=s.similarity,
             beta=s.beta,
             patch_ncc=s.patch_ncc,
             patch_grad=s.patch_grad,
-        ).mean()
+        )
 
     def _pose_tensor(self, matrix: np.ndarray, intrinsics: Intrinsics) -> RigidTransform:
         """The full-resolution volume's diffdrr pose of an exported matrix."""
-        pose = self.frame.pose_from_matrix(matrix, intrinsics)
-        return RigidTransform(torch.as_tensor(pose, dtype=torch.float32, device=self.device))
+        matrices = np.asarray(matrix, dtype=float).reshape(-1, 4, 4)
+        poses = np.stack([self.frame.pose_from_matrix(m, intrinsics) for m in matrices])
+        return RigidTransform(torch.as_tensor(poses, dtype=torch.float32, device=self.device))
 
     def _matrix(self, pose: RigidTransform, intrinsics: Intrinsics) -> np.ndarray:
         matrix = pose.matrix[0].detach().double().cpu().numpy()

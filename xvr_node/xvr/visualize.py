@@ -96,6 +96,46 @@ def edges(image: np.ndarray, fraction: float = EDGE_FRACTION) -> np.ndarray:
     return (magnitude >= threshold) & (magnitude > 0)
 
 
+#: HU ranges that outline what a reader recognises: cortical and trabecular bone, aerated lung.
+BONE_HU = 250.0
+LUNG_HU = (-950.0, -400.0)
+
+
+def _outline(image: np.ndarray, fraction: float) -> np.ndarray:
+    """One-pixel boundary of where ``image`` exceeds ``fraction`` of its 99th percentile."""
+    from scipy import ndimage
+
+    top = float(np.percentile(image, 99.0))
+    if top <= 0:
+        return np.zeros(image.shape, dtype=bool)
+    region = ndimage.binary_opening(image > fraction * top, iterations=1)
+    return region & ~ndimage.binary_erosion(region, border_value=0)
+
+
+def anatomy_contours(
+    intrinsics: Intrinsics,
+    volume: CtVolume,
+    matrix: np.ndarray,
+    orientation: str = "PA",
+    device: str | torch.device = "cpu",
+) -> dict[str, np.ndarray]:
+    """Thin bone and lung outlines of the CT projected at ``matrix``, on the X-ray's grid.
+
+    Each structure is rendered alone (the CT thresholded to its HU range, everything else
+    air), and its projection is outlined at a fixed share of its brightest: a few closed
+    lines a reader checks against the X-ray, instead of every gradient of a full DRR.
+    """
+    hu = volume.hu
+    bone = CtVolume(np.where(hu > BONE_HU, hu, -1000.0).astype(np.float32), volume.affine_lps)
+    lung_voxels = (hu > LUNG_HU[0]) & (hu < LUNG_HU[1])
+    lung = CtVolume(np.where(lung_voxels, 0.0, -1000.0).astype(np.float32), volume.affine_lps)
+    contours = {}
+    for name, structure, fraction in (("bone", bone, 0.3), ("lung", lung, 0.3)):
+        (drr,) = render_views(intrinsics, structure, [matrix], orientation, device=device)
+        contours[name] = _outline(drr, fraction)
+    return contours
+
+
 def windowed(frame: XrayFrame) -> np.ndarray:
     """The X-ray as 8-bit grey: line integrals windowed on the field's 1st–99th percentiles."""
     values = line_integrals(frame)

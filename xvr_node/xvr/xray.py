@@ -9,15 +9,17 @@ import numpy as np
 import pydicom
 
 from xvr_node.geometry import CarmPose, Intrinsics
-from xvr_node.xray_geometry import XrayGeometry, read_xray_geometry
+from xvr_node.xray_geometry import read_xray_geometry
+from xvr_node.xvr.field import FieldOfView, field_of_view
 
 
 @dataclass
 class XrayFrame:
     """One frame on the image-plane grid (mirrored storage already undone).
 
-    ``field`` is the collimated field as (top, bottom, left, right) pixel bounds on that grid
-    (bottom/right exclusive): similarity is computed inside it only.
+    ``mask`` is the open field (collimators, shutters, and what the image shows; see
+    :mod:`xvr_node.xvr.field`) on that grid: similarity counts only the pixels inside it.
+    ``field`` is its bounding box as (top, bottom, left, right), bottom/right exclusive.
     """
 
     pixels: np.ndarray
@@ -28,6 +30,17 @@ class XrayFrame:
     field: tuple[int, int, int, int]
     log_stored: bool = False
     source: str = ""
+    mask: np.ndarray | None = None
+    field_sources: tuple[str, ...] = ()
+
+    def open_field(self) -> np.ndarray:
+        """The mask, or the ``field`` rectangle when no mask was given."""
+        if self.mask is not None:
+            return self.mask
+        top, bottom, left, right = self.field
+        mask = np.zeros(self.pixels.shape, dtype=bool)
+        mask[top:bottom, left:right] = True
+        return mask
 
     @property
     def name(self) -> str:
@@ -41,10 +54,12 @@ def read_xray_frames(
     sid_mm: float | None = None,
     pixel_spacing_mm: tuple[float, float] | None = None,
     reduce: str = "frames",
+    detect_field: bool = True,
 ) -> list[XrayFrame]:
     """Read an XA/RF/DX file into frames; ``reduce`` is frames|first|max|mean for cine runs.
 
     ``sid_mm`` and ``pixel_spacing_mm`` fill what the header lacks (as a C-arm profile would).
+    ``detect_field`` adds the open field the image shows to what its attributes say.
     """
     ds = pydicom.dcmread(str(path))
     geometry = read_xray_geometry(ds)
@@ -56,9 +71,15 @@ def read_xray_frames(
         pixels = pixels[None]
     elif pixels.ndim == 4:  # colour: use luminance
         pixels = pixels.mean(axis=-1)
+    # Shutters are the same for every frame of a run; the brightest-anatomy frame shows them
+    # as well as any, and one detection keeps a 100-frame run cheap.
+    view = field_of_view(ds, pixels[0], detect=detect_field)
+    mask = view.mask
     if geometry.mirrored:
         pixels = pixels[:, :, ::-1]
-    field = _collimated_field(ds, geometry)
+        mask = mask[:, ::-1]
+    mask = np.ascontiguousarray(mask)
+    field = FieldOfView(mask, view.sources).bounds()
     log_stored = str(ds.get("PixelIntensityRelationship", "")).upper() == "LOG"
     frames = []
     indices: list[int | None]
@@ -97,30 +118,11 @@ def read_xray_frames(
                 field=field,
                 log_stored=log_stored,
                 source=str(path),
+                mask=mask,
+                field_sources=tuple(view.sources),
             )
         )
     return frames
-
-
-def _collimated_field(ds: pydicom.Dataset, geometry: XrayGeometry) -> tuple[int, int, int, int]:
-    """The rectangular collimator opening on the image-plane grid (whole image if unknown)."""
-    rows, columns = geometry.rows, geometry.columns
-    if str(ds.get("CollimatorShape", "")).upper() != "RECTANGULAR":
-        return 0, rows, 0, columns
-    try:
-        left = int(ds.CollimatorLeftVerticalEdge)
-        right = int(ds.CollimatorRightVerticalEdge)
-        top = int(ds.CollimatorUpperHorizontalEdge)
-        bottom = int(ds.CollimatorLowerHorizontalEdge)
-    except (AttributeError, TypeError, ValueError):
-        return 0, rows, 0, columns
-    if geometry.mirrored:
-        left, right = columns - 1 - right, columns - 1 - left
-    top, left = max(0, top), max(0, left)
-    bottom, right = min(rows, bottom + 1), min(columns, right + 1)
-    if bottom - top < 8 or right - left < 8:
-        return 0, rows, 0, columns
-    return top, bottom, left, right
 
 
 def line_integrals(frame: XrayFrame) -> np.ndarray:
@@ -130,8 +132,7 @@ def line_integrals(frame: XrayFrame) -> np.ndarray:
     brightest value in the field; ``LOG`` data is already proportional to attenuation
     (up to sign and offset, which the normalised similarity ignores).
     """
-    top, bottom, left, right = frame.field
-    inside = frame.pixels[top:bottom, left:right]
+    inside = frame.pixels[frame.open_field()]
     if frame.log_stored:
         return frame.pixels.max() - frame.pixels
     reference = float(np.percentile(inside, 99.9)) + 1.0

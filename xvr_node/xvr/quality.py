@@ -1,0 +1,139 @@
+"""The quality gate: can the node vouch for a registration, from what it can see alone?
+
+No truth is known at run time, so the verdict rests on four observable figures:
+
+* **similarity** at the finest level: a right pose explains the X-ray's structure;
+* **margin** over the best *distinct* start multi-start found: a clear winner, not a tie
+  between two different answers;
+* **overlap**: the fraction of the open field the projected CT covers (a pose that slid the
+  CT out of view can still score on a little anatomy);
+* **convergence**: the finest level ended on a plateau, not on its iteration cap.
+
+Each figure is mapped to [0, 1] against its threshold (1 = comfortably past it); confidence is
+the smallest of them, and a result is reliable when every figure passes. The thresholds are
+calibrated on the realistic phantom (``bench/robustness.py``) and configurable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from xvr_node.xvr.register import Outcome, Registrar
+from xvr_node.xvr.xray import XrayFrame
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """Thresholds of the gate (config ``registration.quality``)."""
+
+    min_similarity: float = 0.35
+    min_margin: float = 0.02
+    min_overlap: float = 0.6
+    require_convergence: bool = False
+    threshold: float = 0.5  # confidence at or above which a result is reliable
+
+
+@dataclass
+class Verdict:
+    """The gate's answer for one result, with the figures and reasons behind it."""
+
+    reliable: bool
+    confidence: float
+    figures: dict[str, float | bool | None] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    def words(self) -> str:
+        """What the overlay and the SR say."""
+        if self.reliable:
+            return "reliable"
+        return "NOT RELIABLE: " + "; ".join(self.reasons)
+
+    def to_json(self) -> dict:
+        return {
+            "reliable": self.reliable,
+            "confidence": round(self.confidence, 4),
+            "figures": self.figures,
+            "reasons": self.reasons,
+        }
+
+
+def field_overlap(registrar: Registrar, frame: XrayFrame, matrix: np.ndarray) -> float:
+    """Fraction of the open field in which the CT, projected at ``matrix``, shows anatomy.
+
+    Judged at the coarsest level: a pixel is covered where the DRR exceeds 5 % of its
+    95th percentile inside the field (air and the CT's empty margins stay below).
+    """
+    scale = registrar.settings.scales_for(frame.intrinsics)[0]
+    _, mask, _ = registrar._fixed_image(frame, scale)
+    render = registrar._renderer(frame.intrinsics, scale)
+    with torch.no_grad():
+        drr = render(registrar._pose_tensor(matrix, frame.intrinsics))[0, 0]
+    open_field = mask[0, 0] > 0
+    values = drr[open_field]
+    if values.numel() == 0:
+        return 0.0
+    level = torch.quantile(values.float(), 0.95)
+    if level <= 0:
+        return 0.0
+    return float((values > 0.05 * level).float().mean())
+
+
+def converged(outcome: Outcome, cap: int) -> bool:
+    """Whether the finest level stopped on its plateaus rather than its iteration cap."""
+    if not outcome.trajectory:
+        return False
+    last = outcome.trajectory[-1]["scale"]
+    steps = sum(1 for record in outcome.trajectory if record["scale"] == last)
+    return steps < cap
+
+
+def _passing(value: float, threshold: float, spread: float) -> float:
+    """0 at ``threshold − spread``, 0.5 at the threshold, 1 at ``threshold + spread``."""
+    return float(np.clip(0.5 + 0.5 * (value - threshold) / spread, 0.0, 1.0))
+
+
+def assess(
+    registrar: Registrar,
+    frame: XrayFrame,
+    outcome: Outcome,
+    margin: float | None,
+    settings: GateSettings | None = None,
+) -> Verdict:
+    """The gate's verdict on ``outcome`` (``margin``: multi-start's, ``None`` without rivals)."""
+    settings = settings or GateSettings()
+    overlap = field_overlap(registrar, frame, outcome.final_matrix)
+    did_converge = converged(outcome, registrar.settings.max_iterations_per_scale)
+    scores = {
+        "similarity": _passing(outcome.similarity, settings.min_similarity, 0.1),
+        "overlap": _passing(overlap, settings.min_overlap, 0.2),
+    }
+    if margin is not None:
+        scores["margin"] = _passing(margin, settings.min_margin, max(settings.min_margin, 0.01))
+    reasons = []
+    if outcome.similarity < settings.min_similarity:
+        reasons.append(f"similarity {outcome.similarity:.3f} < {settings.min_similarity:.3f}")
+    if overlap < settings.min_overlap:
+        reasons.append(f"CT covers {overlap:.0%} of the field < {settings.min_overlap:.0%}")
+    if margin is not None and margin < settings.min_margin:
+        reasons.append(f"a different start scores within {margin:.3f} of this one")
+    if settings.require_convergence and not did_converge:
+        reasons.append("the finest level hit its iteration cap")
+        scores["convergence"] = 0.0
+    confidence = min(scores.values())
+    reliable = not reasons and confidence >= settings.threshold
+    if not reasons and not reliable:
+        reasons.append(f"confidence {confidence:.2f} < {settings.threshold:.2f}")
+    return Verdict(
+        reliable=reliable,
+        confidence=confidence,
+        figures={
+            "similarity": round(outcome.similarity, 5),
+            "margin": None if margin is None else round(margin, 5),
+            "overlap": round(overlap, 4),
+            "converged": did_converge,
+        },
+        reasons=reasons,
+    )
