@@ -160,15 +160,16 @@ def write_xray(
         round(intrinsics.columns * intrinsics.column_spacing_mm),
     ]
 
-    # Collimator, in stored pixel coordinates (mirroring swaps left and right).
+    # Collimator, in stored pixel coordinates (mirroring swaps left and right). The edges are
+    # the first and last open row/column, 1-based as DICOM counts them (PS3.3 C.8.7.3).
     left, right, top, bottom = run.shutters
     if run.mirrored:
         left, right = right, left
     ds.CollimatorShape = "RECTANGULAR"
-    ds.CollimatorLeftVerticalEdge = left
-    ds.CollimatorRightVerticalEdge = intrinsics.columns - 1 - right
-    ds.CollimatorUpperHorizontalEdge = top
-    ds.CollimatorLowerHorizontalEdge = intrinsics.rows - 1 - bottom
+    ds.CollimatorLeftVerticalEdge = left + 1
+    ds.CollimatorRightVerticalEdge = intrinsics.columns - right
+    ds.CollimatorUpperHorizontalEdge = top + 1
+    ds.CollimatorLowerHorizontalEdge = intrinsics.rows - bottom
 
     # Positioner: the C-arm's own reading, not the truth.
     ds.DistanceSourceToDetector = f"{intrinsics.sid_mm:.6g}"

@@ -9,12 +9,12 @@ import numpy as np
 import pydicom
 
 from xvr_node.geometry import CarmPose, Intrinsics
-from xvr_node.xray_geometry import XrayGeometry, read_xray_geometry
+from xvr_node.xray_geometry import XrayGeometry, read_collimator, read_xray_geometry
 
 
 @dataclass
 class XrayFrame:
-    """One frame on the image-plane grid (mirrored storage already undone).
+    """One frame on the image-plane grid (mirroring and Field of View flips already undone).
 
     ``field`` is the collimated field as (top, bottom, left, right) pixel bounds on that grid
     (bottom/right exclusive): similarity is computed inside it only.
@@ -44,20 +44,21 @@ def read_xray_frames(
 ) -> list[XrayFrame]:
     """Read an XA/RF/DX file into frames; ``reduce`` is frames|first|max|mean for cine runs.
 
-    ``sid_mm`` and ``pixel_spacing_mm`` fill what the header lacks (as a C-arm profile would).
+    ``sid_mm`` and ``pixel_spacing_mm`` fill what the header lacks (as a C-arm profile would);
+    failing those, the pixel spacing is estimated from the stated field size, as the node does.
     """
     ds = pydicom.dcmread(str(path))
     geometry = read_xray_geometry(ds)
     if not geometry.usable() and (sid_mm or pixel_spacing_mm):
         geometry = geometry.with_profile(sid_mm, pixel_spacing_mm, "config")
+    geometry = geometry.with_field_size_estimate()
     intrinsics = geometry.intrinsics()  # raises, naming what is missing
     pixels = ds.pixel_array.astype(np.float32)
     if pixels.ndim == 2:
         pixels = pixels[None]
     elif pixels.ndim == 4:  # colour: use luminance
         pixels = pixels.mean(axis=-1)
-    if geometry.mirrored:
-        pixels = pixels[:, :, ::-1]
+    pixels = to_image_plane(pixels, geometry)
     field = _collimated_field(ds, geometry)
     log_stored = str(ds.get("PixelIntensityRelationship", "")).upper() == "LOG"
     frames = []
@@ -102,22 +103,31 @@ def read_xray_frames(
     return frames
 
 
-def _collimated_field(ds: pydicom.Dataset, geometry: XrayGeometry) -> tuple[int, int, int, int]:
-    """The rectangular collimator opening on the image-plane grid (whole image if unknown)."""
-    rows, columns = geometry.rows, geometry.columns
-    if str(ds.get("CollimatorShape", "")).upper() != "RECTANGULAR":
-        return 0, rows, 0, columns
-    try:
-        left = int(ds.CollimatorLeftVerticalEdge)
-        right = int(ds.CollimatorRightVerticalEdge)
-        top = int(ds.CollimatorUpperHorizontalEdge)
-        bottom = int(ds.CollimatorLowerHorizontalEdge)
-    except (AttributeError, TypeError, ValueError):
-        return 0, rows, 0, columns
+def to_image_plane(pixels: np.ndarray, geometry: XrayGeometry) -> np.ndarray:
+    """Stored frames (frames, rows, columns) onto the image-plane grid (a view, no copy)."""
     if geometry.mirrored:
-        left, right = columns - 1 - right, columns - 1 - left
+        pixels = pixels[..., :, ::-1]
+    if geometry.rows_reversed:
+        pixels = pixels[..., ::-1, :]
+    return pixels
+
+
+def _collimated_field(ds: pydicom.Dataset, geometry: XrayGeometry) -> tuple[int, int, int, int]:
+    """The rectangular collimator opening on the image-plane grid (whole image if unknown).
+
+    Collimator edges are 1-based (PS3.3 C.8.7.3): :func:`read_collimator` converts them.
+    """
+    rows, columns = geometry.rows, geometry.columns
+    collimator = read_collimator(ds)
+    if collimator is None or collimator.rectangle is None:
+        return 0, rows, 0, columns
+    top, bottom, left, right = collimator.rectangle
+    if geometry.mirrored:
+        left, right = columns - right, columns - left
+    if geometry.rows_reversed:
+        top, bottom = rows - bottom, rows - top
     top, left = max(0, top), max(0, left)
-    bottom, right = min(rows, bottom + 1), min(columns, right + 1)
+    bottom, right = min(rows, bottom), min(columns, right)
     if bottom - top < 8 or right - left < 8:
         return 0, rows, 0, columns
     return top, bottom, left, right
