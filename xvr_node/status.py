@@ -18,6 +18,7 @@ from xvr_node.catalog.models import (
     Volume,
 )
 from xvr_node.dicom.receive import CT_SOP_CLASSES
+from xvr_node.xray_geometry import XrayGeometry
 
 
 def collect_status(session: Session) -> dict:
@@ -54,6 +55,15 @@ def collect_status(session: Session) -> dict:
             for x in xrays
             if x.usability == Usability.UNUSABLE
         ]
+        # An estimated pixel spacing scales every result: say so wherever X-rays are listed.
+        estimated = [
+            {
+                "sop_instance_uid": x.sop_instance_uid,
+                "spacing": XrayGeometry.from_json(x.geometry).describe_spacing(),
+            }
+            for x in xrays
+            if x.geometry and x.geometry.get("pixel_spacing_estimated")
+        ]
         models = [
             {"id": m.id, "version": m.version, "state": m.state}
             for m in session.scalars(select(PoseModel).where(PoseModel.patient_id == patient.id))
@@ -69,6 +79,7 @@ def collect_status(session: Session) -> dict:
                     "waiting": counts.get(Usability.WAITING, 0),
                     "unusable": counts.get(Usability.UNUSABLE, 0),
                     "unusable_reasons": unusable,
+                    "estimated_spacing": estimated,
                 },
                 "models": models,
             }
@@ -104,6 +115,8 @@ def format_status(report: dict) -> str:
         )
         for item in xrays["unusable_reasons"]:
             lines.append(f"    {item['sop_instance_uid']}: {item['reason']}")
+        for item in xrays.get("estimated_spacing", []):
+            lines.append(f"    {item['sop_instance_uid']}: {item['spacing']}")
         if patient["models"]:
             models = ", ".join(f"v{m['version']} {m['state']}" for m in patient["models"])
             lines.append(f"  models: {models}")
