@@ -334,6 +334,37 @@ def import_command(state: CliState, paths: tuple[Path, ...]) -> None:
         sys.exit(1)
 
 
+@cli.command("link")
+@click.argument("xray")
+@click.option("--patient-id", default=None, help="Patient ID of the CT's patient.")
+@click.option("--issuer", default="", help="Issuer of Patient ID of that patient.")
+@click.option("--volume", "volume_id", type=int, default=None, help="A CT volume id instead.")
+@click.pass_obj
+def link_command(
+    state: CliState, xray: str, patient_id: str | None, issuer: str, volume_id: int | None
+) -> None:
+    """Assign an X-ray (SOP Instance UID or id) to a patient's CT and queue its registration.
+
+    For X-rays the node cannot link itself, e.g. sent without a Patient ID. The CT is the
+    patient's newest usable volume unless --volume names one.
+    """
+    from xvr_node.jobs.link import LinkError, link_xray
+
+    with _catalog(state) as (_, session):
+        try:
+            outcome = link_xray(
+                session, xray, patient_id=patient_id, issuer=issuer, volume_id=volume_id
+            )
+        except LinkError as error:
+            raise click.ClickException(str(error)) from error
+        session.commit()
+        click.echo(
+            f"linked instance {outcome.instance.id} ({outcome.instance.sop_instance_uid}) to "
+            f"volume {outcome.volume.id}; register job {outcome.job.id} queued"
+            + (f" (was: {outcome.previous_reason})" if outcome.previous_reason else "")
+        )
+
+
 @cli.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
