@@ -311,14 +311,19 @@ class Pipeline:
         xray = pydicom.dcmread(self.store.absolute(instance.path))
         volume = instance.linked_volume
         ct_headers = self._ct_headers(volume)
-        mirrored = bool((instance.geometry or {}).get("mirrored", False))
+        geometry = instance.geometry or {}
+        flips = {
+            "mirrored": bool(geometry.get("mirrored", False)),
+            "rows_reversed": bool(geometry.get("rows_reversed", False)),
+            "pixel_spacing_estimated": bool(geometry.get("pixel_spacing_estimated", False)),
+        }
         series = {
             kind: generate_uid(entropy_srcs=[instance.sop_instance_uid, kind, str(rows[0].id)])
             for kind in ("sro", "sr", "sc")
         }
         stored = 0
         for row in rows:
-            objects = self._result_objects(xray, ct_headers, row, volume, mirrored, series)
+            objects = self._result_objects(xray, ct_headers, row, volume, flips, series)
             stored += len(
                 store_result_objects(
                     session, self.store, objects, self.settings.destinations, row.id
@@ -349,7 +354,7 @@ class Pipeline:
         ct_headers: list[Dataset],
         row: Registration,
         volume: Volume,
-        mirrored: bool,
+        flips: dict[str, bool],
         series: dict[str, str],
     ) -> list[tuple[str, Dataset]]:
         from xvr_node.xvr.visualize import edges, render_views
@@ -368,7 +373,7 @@ class Pipeline:
             model_id=model_label,
             software_version=__version__,
             frame_numbers=None if frame_number is None else [frame_number],
-            mirrored=mirrored,
+            **flips,
         )
         number = frame_number or 1
         sro = build_spatial_registration(
@@ -386,8 +391,10 @@ class Pipeline:
             device=self.device,
         )
         outline = edges(drr)
-        if mirrored:  # the image plane's columns run the other way in the stored pixels
+        if result.mirrored:  # the image plane's columns run the other way in the stored pixels
             outline = outline[:, ::-1]
+        if result.rows_reversed:  # Field of View Rotation 180: rows too
+            outline = outline[::-1, :]
         pixels = xray.pixel_array
         if int(xray.get("NumberOfFrames", 1) or 1) > 1:
             pixels = pixels[number - 1]
