@@ -383,16 +383,10 @@ def link_command(
 @click.pass_obj
 def status_command(state: CliState, as_json: bool) -> None:
     """Per patient: CT series and volumes, X-rays, models and jobs; and totals."""
-    from xvr_node.catalog.db import make_engine, session_factory
     from xvr_node.status import collect_status, format_status
 
-    settings = state.settings()
-    engine = make_engine(settings.database_url)
-    try:
-        with session_factory(engine)() as session:
-            report = collect_status(session)
-    finally:
-        engine.dispose()
+    with _catalog(state) as (_, session):
+        report = collect_status(session)
     click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
 
 
