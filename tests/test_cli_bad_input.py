@@ -114,3 +114,14 @@ def test_init_matrix_accepts_matrix_as_well_as_final_matrix(tmp_path) -> None:
         path = tmp_path / f"{key}.json"
         path.write_text(json.dumps({key: identity}))
         assert _start_matrix(path)[0, 3] == 5.0
+
+
+@pytest.mark.parametrize(
+    "args", [["status"], ["jobs", "list"], ["export", "list"], ["link", "1.2.3", "--volume", "1"]]
+)
+def test_catalog_commands_on_a_catalog_without_schema_say_so_in_one_line(tmp_path, args) -> None:
+    result = CliRunner().invoke(cli, args, env={"XVR_NODE__STORAGE__ROOT": str(tmp_path / "s")})
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output
+    assert "run `xvr-node db upgrade`" in result.output
+    assert len(result.output.strip().splitlines()) == 1
