@@ -312,7 +312,7 @@ class Pipeline:
         volume = instance.linked_volume
         ct_headers = self._ct_headers(volume)
         geometry = instance.geometry or {}
-        flips = {
+        xray_flags = {
             "mirrored": bool(geometry.get("mirrored", False)),
             "rows_reversed": bool(geometry.get("rows_reversed", False)),
             "pixel_spacing_estimated": bool(geometry.get("pixel_spacing_estimated", False)),
@@ -323,7 +323,7 @@ class Pipeline:
         }
         stored = 0
         for row in rows:
-            objects = self._result_objects(xray, ct_headers, row, volume, flips, series)
+            objects = self._result_objects(xray, ct_headers, row, volume, xray_flags, series)
             stored += len(
                 store_result_objects(
                     session, self.store, objects, self.settings.destinations, row.id
@@ -354,7 +354,7 @@ class Pipeline:
         ct_headers: list[Dataset],
         row: Registration,
         volume: Volume,
-        flips: dict[str, bool],
+        xray_flags: dict[str, bool],
         series: dict[str, str],
     ) -> list[tuple[str, Dataset]]:
         from xvr_node.xvr.visualize import edges, render_views
@@ -373,7 +373,7 @@ class Pipeline:
             model_id=model_label,
             software_version=__version__,
             frame_numbers=None if frame_number is None else [frame_number],
-            **flips,
+            **xray_flags,
         )
         number = frame_number or 1
         sro = build_spatial_registration(
