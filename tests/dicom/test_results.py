@@ -268,6 +268,39 @@ def test_sro_keeps_the_half_turn_and_estimate_flags(bare_built, tmp_path):
     ]
 
 
+@pytest.mark.parametrize("device", ["OEC 9900 RF", "Innova XA cine"])
+def test_objects_from_device_shaped_xrays_pass_dciodvfy(device, truth, ct, tmp_path):
+    """Real devices' header shapes: 16-bit DISP RF without orientation, 8-bit XA cine."""
+    from tests.support.device_headers import innova_xa, oec9900_rf
+    from xvr_node.xray_geometry import read_xray_geometry
+
+    xray = oec9900_rf(matrix=64) if device.startswith("OEC") else innova_xa(3, 64)
+    xray.PatientID = ct[0].PatientID  # registered to this patient's CT
+    del xray.PatientBirthDate, xray.PatientSex  # Type 2, yet the node accepts X-rays without
+    geometry = read_xray_geometry(xray).with_field_size_estimate()
+    record = pick(truth, "single-frame XA")
+    result = RegistrationResult(
+        matrix=np.array(record["matrix"]),
+        intrinsics=geometry.intrinsics(),
+        similarity=0.5,
+        iterations=10,
+        wall_time_s=1.0,
+        initializer="dicom",
+        model_id=None,
+        software_version="0.1.0",
+        frame_numbers=[2] if geometry.number_of_frames > 1 else None,
+        pixel_spacing_estimated=geometry.pixel_spacing_estimated,
+    )
+    sro = build_spatial_registration(xray, ct, result, content_creator="")
+    sr = build_measurement_report(xray, sro, result)
+    frame = np.frombuffer(xray.PixelData, dtype=np.uint16 if xray.BitsAllocated == 16 else np.uint8)
+    frame = frame.reshape(-1, xray.Rows, xray.Columns)[0]
+    edges = np.zeros((xray.Rows, xray.Columns), dtype=bool)
+    sc = build_overlay(xray, compose_overlay(frame, edges, overlay_legend(result)), result)
+    for name, ds in {"sro": sro, "sr": sr, "sc": sc}.items():
+        assert dciodvfy_errors(write(ds, tmp_path / f"{name}.dcm")) == [], (device, name)
+
+
 def test_objects_belong_to_the_xray_study_in_new_series(built):
     xray = built["xray"]
     descriptions = {

@@ -33,7 +33,13 @@ def _base(
     ds.Modality = modality
     ds.PatientName = ""
     ds.PatientID = "DEVICE-TEST"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
     ds.StudyDate = "20250904"
+    ds.StudyTime = "113657"
+    ds.ReferringPhysicianName = ""
+    ds.AccessionNumber = ""
+    ds.StudyID = ""
     ds.SeriesNumber = "1"
     ds.InstanceNumber = "1"
     ds.SamplesPerPixel = 1
