@@ -375,6 +375,9 @@ def read_xray_geometry(ds: Dataset) -> XrayGeometry:
     XrayGeometryError
         The SOP class is not an X-ray one, Rows or Columns is missing, or the per-frame
         geometry has the wrong number of values for Number of Frames.
+    UnsupportedGeometryError
+        Field of View Rotation is a quarter turn or not a multiple of 90 degrees, or Field of
+        View Horizontal Flip is neither YES nor NO.
     """
     sop_class = _sop_class(ds)
     if sop_class not in XRAY_SOP_CLASSES:
