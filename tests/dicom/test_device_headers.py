@@ -94,6 +94,17 @@ def test_empty_patient_id_keeps_the_geometry_and_teaches_the_profile(receiver, t
     assert profile.pixel_spacing_row_mm == 0.390625
 
 
+def test_empty_patient_id_and_missing_geometry_are_both_named(receiver, tmp_path):
+    ds = oec9900_rf()
+    ds.PatientID = ""
+    del ds.DistanceSourceToDetector
+    outcome = receiver.receive(part10(ds, tmp_path), calling_ae="OEC")
+    reason = instances(receiver)[outcome.instance_id].unusable_reason
+    assert reason.startswith("Patient ID is empty")
+    assert "Distance Source to Detector (0018,1110)" in reason
+    assert "ESTIMATED from Intensifier Size" in reason  # the spacing part is known
+
+
 def test_a_learned_spacing_fills_only_the_same_zoom(receiver, tmp_path):
     assert receiver.receive(part10(innova_xa(patient_id="P1"), tmp_path), calling_ae="C").ok
     same = innova_xa(patient_id="P1")

@@ -397,30 +397,32 @@ class Receiver:
         """
         if str(ds.SOPClassUID) not in XRAY_SOP_CLASSES:
             return Usability.NOT_XRAY, None, None
+        reasons = []
+        if not str(ds.get("PatientID", "")).strip():
+            reasons.append(
+                "Patient ID is empty: cannot find the patient's CT; link it with `xvr-node link`"
+            )
         try:
             geometry = read_xray_geometry(ds)
         except UnsupportedGeometryError as error:
-            return Usability.UNUSABLE, f"geometry cannot be applied: {error}", None
+            reasons.append(f"geometry cannot be applied: {error}")
+            return Usability.UNUSABLE, "; ".join(reasons), None
         except XrayGeometryError as error:
-            return Usability.UNUSABLE, f"inconsistent geometry: {error}", None
+            reasons.append(f"inconsistent geometry: {error}")
+            return Usability.UNUSABLE, "; ".join(reasons), None
         if not geometry.usable():
             geometry = self._fill_from_profiles(geometry)
         if not geometry.usable():
-            return (
-                Usability.UNUSABLE,
+            reasons.append(
                 "missing geometry and no C-arm profile for this device: "
-                + geometry.explain_missing(),
-                geometry,
+                + geometry.explain_missing()
             )
-        estimate = f" ({geometry.describe_spacing()})" if geometry.pixel_spacing_estimated else ""
-        if not str(ds.get("PatientID", "")).strip():
-            return (
-                Usability.UNUSABLE,
-                "Patient ID is empty: cannot find the patient's CT; link it with "
-                f"`xvr-node link`{estimate}",
-                geometry,
-            )
-        return Usability.WAITING, f"waiting for a CT volume of this patient{estimate}", geometry
+        # An estimated spacing scales the result: the reason says so while it is shown.
+        estimate = [geometry.describe_spacing()] if geometry.pixel_spacing_estimated else []
+        if reasons:
+            return Usability.UNUSABLE, "; ".join(reasons + estimate), geometry
+        waiting = "waiting for a CT volume of this patient"
+        return Usability.WAITING, "; ".join([waiting, *estimate]), geometry
 
     def _fill_from_profiles(self, geometry: XrayGeometry) -> XrayGeometry:
         """Learned profile of this device and zoom, then configuration, then an estimate."""
