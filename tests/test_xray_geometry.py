@@ -14,13 +14,18 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage
 
+from tests.support.device_headers import ge_drs_rf, innova_xa, oec9900_rf, siemens_xa_96f
 from xvr_node.xray_geometry import (
     SID_NAME,
     SPACING_NAME,
     XRAY_SOP_CLASSES,
     FrameGeometry,
+    ShutterOutline,
+    UnsupportedGeometryError,
     XrayGeometry,
     XrayGeometryError,
+    read_collimator,
+    read_display_shutter,
     read_xray_geometry,
 )
 
@@ -342,8 +347,151 @@ def test_json_round_trip_is_exact() -> None:
 
 def test_device_key_identifies_the_c_arm_and_detector_format() -> None:
     geometry = read_xray_geometry(legacy_xa())
-    assert geometry.device_key() == ("Acme", "Arc 9", "OR3", 100, 120)
+    assert geometry.device_key() == ("Acme", "Arc 9", "OR3", 100, 120, "")
     anonymous = read_xray_geometry(
         legacy_xa(Manufacturer=None, ManufacturerModelName=None, StationName=None)
     )
-    assert anonymous.device_key() == ("", "", "", 100, 120)
+    assert anonymous.device_key() == ("", "", "", 100, 120, "")
+
+
+# --- real devices' header shapes ---------------------------------------------------------------
+
+
+def test_image_intensifier_c_arm_gets_a_spacing_estimated_from_intensifier_size() -> None:
+    stated = read_xray_geometry(oec9900_rf())
+    assert stated.missing() == [SPACING_NAME]  # what the C-arm said is kept apart
+    estimated = stated.with_field_size_estimate()
+    assert estimated.usable()
+    assert estimated.pixel_spacing_mm == pytest.approx((229 / 1024, 229 / 1024))
+    assert estimated.pixel_spacing_source == "IntensifierSize"
+    assert estimated.pixel_spacing_estimated
+    assert "ESTIMATED from Intensifier Size (0018,1162) 229 mm" in estimated.describe_spacing()
+    assert estimated.to_json()["pixel_spacing_estimated"] is True
+    assert XrayGeometry.from_json(estimated.to_json()) == estimated
+
+
+def test_a_stated_or_profile_spacing_is_never_replaced_by_an_estimate() -> None:
+    stated = read_xray_geometry(innova_xa())
+    assert stated.with_field_size_estimate() == stated
+    profiled = read_xray_geometry(oec9900_rf()).with_profile(None, (0.3, 0.3), "profile")
+    assert profiled.with_field_size_estimate().pixel_spacing_mm == (0.3, 0.3)
+
+
+def test_field_of_view_dimensions_estimate_before_intensifier_size() -> None:
+    # The Innova's 200 mm field on 512 pixels is exactly its stated Imager Pixel Spacing.
+    geometry = read_xray_geometry(innova(ImagerPixelSpacing=None))
+    estimated = geometry.with_field_size_estimate()
+    assert estimated.pixel_spacing_source == "FieldOfViewDimensions"
+    assert estimated.pixel_spacing_mm == pytest.approx((0.390625, 0.390625))
+
+
+def test_without_any_field_size_the_reason_names_intensifier_size() -> None:
+    geometry = read_xray_geometry(ge_drs_rf())
+    assert geometry.with_field_size_estimate() == geometry
+    assert "Intensifier Size (0018,1162)" in geometry.explain_missing()
+    assert geometry.explain_missing().startswith(f"{SID_NAME}, {SPACING_NAME}")
+
+
+def test_empty_positioner_motion_knows_only_the_first_frame() -> None:
+    geometry = read_xray_geometry(siemens_xa_96f())
+    assert geometry.motion is None
+    assert geometry.number_of_frames == 96
+    assert geometry.frames[0] == FrameGeometry(-32.0, 2.0)
+    assert set(geometry.frames[1:]) == {FrameGeometry(None, None)}
+    absent = siemens_xa_96f()
+    del absent.PositionerMotion
+    assert read_xray_geometry(absent).frames[1] == FrameGeometry(None, None)
+
+
+def test_collimator_and_shutter_edges_are_one_based() -> None:
+    ds = innova_xa()
+    # Right edge 512 on a 512-column image: the last column (index 511) is open.
+    assert read_display_shutter(ds) == ShutterOutline(
+        shapes=("RECTANGULAR",), rectangle=(2, 510, 5, 512)
+    )
+    assert read_collimator(ds).rectangle == (1, 509, 5, 511)
+    circular = read_display_shutter(ge_drs_rf())
+    assert circular.shapes == ("CIRCULAR", "RECTANGULAR")
+    assert circular.circle == (479.0, 479.0, 470.0)
+    assert circular.rectangle == (9, 950, 9, 950)
+    assert read_collimator(oec9900_rf()) is None
+
+
+def test_polygonal_shutter_and_presentation_value() -> None:
+    ds = innova_xa()
+    ds.ShutterShape = "POLYGONAL"
+    ds.VerticesOfThePolygonalShutter = [1, 1, 1, 512, 512, 256]
+    ds.ShutterPresentationValue = 0
+    shutter = read_display_shutter(ds)
+    assert shutter.polygon == ((0.0, 0.0), (0.0, 511.0), (511.0, 255.0))
+    assert shutter.rectangle is None and shutter.presentation_value == 0
+
+
+def innova(**overrides: object) -> Dataset:
+    """The Innova-shaped header with attributes changed (None deletes)."""
+    ds = innova_xa()
+    for keyword, value in overrides.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return ds
+
+
+# --- Field of View Rotation and Horizontal Flip ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rotation", "flip", "rows_reversed", "mirrored"),
+    [
+        ("0", "NO", False, False),
+        ("0", "YES", False, True),
+        ("180", "NO", True, True),
+        ("180", "YES", True, False),
+        ("-180", "NO", True, True),
+        ("360", "NO", False, False),
+    ],
+)
+def test_field_of_view_rotation_and_flip_map_stored_pixels_to_the_image_plane(
+    rotation: str, flip: str, rows_reversed: bool, mirrored: bool
+) -> None:
+    plain = legacy_xa(PatientOrientation="")
+    plain.FieldOfViewRotation = rotation
+    plain.FieldOfViewHorizontalFlip = flip
+    geometry = read_xray_geometry(plain)
+    assert (geometry.rows_reversed, geometry.mirrored) == (rows_reversed, mirrored)
+
+
+def test_patient_orientation_of_a_rotated_image_is_not_taken_for_an_extra_mirror() -> None:
+    # LAO 30 / CAU 10: the detector grid's row direction is L(-ish); rotated 180 the stored
+    # rows run R and the columns H. That is the rotation, not an undeclared mirror.
+    rotated = legacy_xa(PatientOrientation=["R", "H"])
+    rotated.FieldOfViewRotation = "180"
+    geometry = read_xray_geometry(rotated)
+    assert (geometry.rows_reversed, geometry.mirrored) == (True, True)
+    # The same stored orientation without a stated rotation is a mirrored view.
+    assert read_xray_geometry(legacy_xa(PatientOrientation=["R", "F"])).mirrored is True
+
+
+@pytest.mark.parametrize(
+    ("rotation", "message"),
+    [
+        ("90", "Field of View Rotation \\(0018,7032\\) 90: quarter-turn"),
+        ("270", "Field of View Rotation \\(0018,7032\\) 270: quarter-turn"),
+        ("45", "45 is not 0, 90, 180 or 270 degrees"),
+    ],
+)
+def test_rotations_that_cannot_be_applied_are_refused_precisely(rotation: str, message: str):
+    ds = legacy_xa()
+    ds.FieldOfViewRotation = rotation
+    with pytest.raises(UnsupportedGeometryError, match=message):
+        read_xray_geometry(ds)
+
+
+def test_zoom_mode_is_part_of_the_device_key() -> None:
+    wide = read_xray_geometry(innova_xa())
+    zoomed = read_xray_geometry(innova(FieldOfViewDimensions=[160, 160]))
+    assert wide.device_key()[:5] == zoomed.device_key()[:5]
+    assert wide.device_key()[5] == "FOV 200x200 II 307.2"
+    assert zoomed.device_key() != wide.device_key()
+    assert read_xray_geometry(oec9900_rf()).zoom_key() == "II 229"

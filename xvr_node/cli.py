@@ -176,10 +176,23 @@ def worker_command(state: CliState, kinds: tuple[str, ...], name: str) -> None:
 
 @contextmanager
 def _catalog(state: CliState) -> Iterator[tuple[Settings, Session]]:
-    """Settings and a catalog session for one command; closed and disposed afterwards."""
-    from xvr_node.catalog.db import make_engine, session_factory
+    """Settings and a catalog session for one command; closed and disposed afterwards.
+
+    A catalog without the current schema is refused in one line (exit 3), not a SQL traceback.
+    """
+    from xvr_node.catalog.db import (
+        SchemaOutdatedError,
+        make_engine,
+        require_current_schema,
+        session_factory,
+    )
 
     settings = state.settings()
+    try:
+        require_current_schema(settings.database_url)
+    except SchemaOutdatedError as error:
+        click.echo(f"catalog: {error}", err=True)
+        sys.exit(3)
     engine = make_engine(settings.database_url)
     try:
         with session_factory(engine)() as session:
@@ -334,21 +347,46 @@ def import_command(state: CliState, paths: tuple[Path, ...]) -> None:
         sys.exit(1)
 
 
+@cli.command("link")
+@click.argument("xray")
+@click.option("--patient-id", default=None, help="Patient ID of the CT's patient.")
+@click.option("--issuer", default="", help="Issuer of Patient ID of that patient.")
+@click.option("--volume", "volume_id", type=int, default=None, help="A CT volume id instead.")
+@click.pass_obj
+def link_command(
+    state: CliState, xray: str, patient_id: str | None, issuer: str, volume_id: int | None
+) -> None:
+    """Assign an X-ray (SOP Instance UID or id) to a patient's CT and queue its registration.
+
+    For X-rays the node cannot link itself, e.g. sent without a Patient ID. The CT is the
+    patient's newest usable volume unless --volume names one.
+    """
+    from xvr_node.jobs.link import LinkError, link_xray
+
+    with _catalog(state) as (_, session):
+        try:
+            outcome = link_xray(
+                session, xray, patient_id=patient_id, issuer=issuer, volume_id=volume_id
+            )
+        except LinkError as error:
+            raise click.ClickException(str(error)) from error
+        session.commit()
+        click.echo(
+            f"linked instance {outcome.instance.id} ({outcome.instance.sop_instance_uid}) to "
+            f"volume {outcome.volume.id}; register job {outcome.job.id} queued"
+            + (f" (was: {outcome.previous_reason})" if outcome.previous_reason else "")
+        )
+
+
 @cli.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def status_command(state: CliState, as_json: bool) -> None:
     """Per patient: CT series and volumes, X-rays, models and jobs; and totals."""
-    from xvr_node.catalog.db import make_engine, session_factory
     from xvr_node.status import collect_status, format_status
 
-    settings = state.settings()
-    engine = make_engine(settings.database_url)
-    try:
-        with session_factory(engine)() as session:
-            report = collect_status(session)
-    finally:
-        engine.dispose()
+    with _catalog(state) as (_, session):
+        report = collect_status(session)
     click.echo(json.dumps(report, indent=2) if as_json else format_status(report))
 
 
@@ -366,7 +404,13 @@ def _load_volume(path: Path):
             return assemble_volume(read_series_files(files)).volume
         except VolumeRefusedError as refused:
             raise click.ClickException(f"{path}: {refused.reason}") from refused
-    return CtVolume.from_nifti(path)
+    try:
+        return CtVolume.from_nifti(path)
+    except Exception as error:  # nibabel raises many kinds on a file that is not NIfTI
+        raise click.ClickException(
+            f"{path}: not a CT volume (a NIfTI file or a CT DICOM folder): "
+            f"{type(error).__name__}: {error}"
+        ) from None
 
 
 def _registrar(state: CliState, volume, scales: str | None, orientation: str | None, device: str):
@@ -484,7 +528,7 @@ def _fixed_start_options(function):
                 "--init-matrix",
                 type=click.Path(exists=True, path_type=Path),
                 default=None,
-                help="JSON 4x4 image-plane -> CT LPS (or a result file's final_matrix).",
+                help="JSON 4x4 image-plane -> CT LPS (or an object's final_matrix or matrix).",
             ),
         ]
     ):
@@ -563,18 +607,42 @@ def register_fixed(
     )
 
 
+def _read_json(path: Path):
+    """A JSON file's content; unreadable or invalid JSON is a one-line error."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise click.ClickException(f"{path}: not readable JSON ({error})") from None
+
+
 def _start_matrix(path: Path):
-    """A 4x4 start matrix from JSON: a bare matrix or a result file's final_matrix."""
+    """A 4x4 start matrix from JSON: a bare matrix, or an object's final_matrix or matrix."""
     import numpy as np
 
     from xvr_node.geometry import check_rigid
 
-    data = json.loads(path.read_text())
-    matrix = np.array(data["final_matrix"] if isinstance(data, dict) else data, dtype=float)
+    wanted = (
+        "must hold a 4x4 matrix: a JSON array of 4 rows of 4 numbers, or an object with "
+        "'final_matrix' or 'matrix'"
+    )
     try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise click.ClickException(f"{path}: not readable JSON ({error}); it {wanted}") from None
+    if isinstance(data, dict):
+        key = next((k for k in ("final_matrix", "matrix") if k in data), None)
+        if key is None:
+            raise click.ClickException(
+                f"{path}: no 'final_matrix' or 'matrix' key; the file {wanted}"
+            )
+        data = data[key]
+    try:
+        matrix = np.array(data, dtype=float)
+        if matrix.shape != (4, 4):
+            raise ValueError(f"shape {matrix.shape}, not (4, 4)")
         check_rigid(matrix)
-    except ValueError as error:
-        raise click.ClickException(f"{path}: {error}") from error
+    except (TypeError, ValueError) as error:
+        raise click.ClickException(f"{path}: {error}; the file {wanted}") from None
     return matrix
 
 
@@ -727,7 +795,11 @@ def animate_command(
     from xvr_node.xvr.register import RefineSettings, Registrar
     from xvr_node.xvr.visualize import animate, frame_of_result
 
-    data = json.loads(result.read_text())
+    data = _read_json(result)
+    if not isinstance(data, dict) or not all(key in data for key in ("file", "initial_matrix")):
+        raise click.ClickException(
+            f"{result}: not a registration result (needs 'file' and 'initial_matrix')"
+        )
     if not Path(data["file"]).is_file():
         raise click.ClickException(f"{result}: its X-ray {data['file']} is not there")
     names = RefineSettings.__dataclass_fields__
@@ -812,15 +884,18 @@ def finetune_command(
 
     settings = state.settings()
     volumes = [_load_volume(p) for p in volume_paths]
-    checkpoint = finetune(
-        volumes,
-        settings.training,
-        output,
-        base_checkpoint,
-        iterations=iterations,
-        device=device,
-        seed=seed,
-    )
+    try:
+        checkpoint = finetune(
+            volumes,
+            settings.training,
+            output,
+            base_checkpoint,
+            iterations=iterations,
+            device=device,
+            seed=seed,
+        )
+    except ValueError as error:  # e.g. a base checkpoint that is none, or other conventions
+        raise click.ClickException(str(error)) from None
     click.echo(f"checkpoint: {checkpoint}")
 
 
@@ -833,7 +908,11 @@ def restart_command(checkpoint: Path, output: Path, iterations, device) -> None:
     """Resume training exactly where a checkpoint stopped."""
     from xvr_node.xvr.train import restart
 
-    click.echo(f"checkpoint: {restart(checkpoint, output, iterations=iterations, device=device)}")
+    try:
+        resumed = restart(checkpoint, output, iterations=iterations, device=device)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"checkpoint: {resumed}")
 
 
 @cli.command("evaluate")
@@ -843,7 +922,14 @@ def evaluate_command(results: Path, truth: Path) -> None:
     """Metrics (mTRE, mPE, dgeo, success rates) of results against a phantom's truth.json."""
     from xvr_node.xvr.evaluate import evaluate
 
-    click.echo(evaluate(results, truth))
+    try:
+        table = evaluate(results, truth)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise click.ClickException(
+            f"evaluate: {results} / {truth} are not a results file and a phantom truth.json "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    click.echo(table)
 
 
 @cli.command("dcm2nii")
@@ -1095,6 +1181,7 @@ def demo_command(state: CliState, output: Path, iterations: int | None, keep_run
     """The main job on embedded defaults: phantom → C-STORE → finetune → register → PACS."""
     from xvr_node.demo import run_demo
 
+    state.settings()  # a broken configuration stops here, in one line per problem
     try:
         run_demo(
             output,

@@ -413,10 +413,13 @@ def orientation_letters(direction: Sequence[float], tolerance: float = 0.35) -> 
     return "".join(letters)
 
 
-def patient_orientation(matrix: np.ndarray, mirrored: bool = False) -> list[str]:
+def patient_orientation(
+    matrix: np.ndarray, mirrored: bool = False, rows_reversed: bool = False
+) -> list[str]:
     """Patient Orientation (0020,0020) of the stored pixel grid: row then column direction."""
     row_direction = matrix[:3, 0] * (-1.0 if mirrored else 1.0)
-    return [orientation_letters(row_direction), orientation_letters(matrix[:3, 1])]
+    column_direction = matrix[:3, 1] * (-1.0 if rows_reversed else 1.0)
+    return [orientation_letters(row_direction), orientation_letters(column_direction)]
 
 
 def is_mirrored(

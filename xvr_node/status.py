@@ -19,6 +19,7 @@ from xvr_node.catalog.models import (
     Volume,
 )
 from xvr_node.dicom.receive import CT_SOP_CLASSES
+from xvr_node.xray_geometry import XrayGeometry
 
 
 def collect_status(session: Session) -> dict:
@@ -64,6 +65,15 @@ def collect_status(session: Session) -> dict:
                 .where(Study.patient_id == patient.id, Registration.superseded_by_id.is_(None))
             ).all()
         )
+        # An estimated pixel spacing scales every result: say so wherever X-rays are listed.
+        estimated = [
+            {
+                "sop_instance_uid": x.sop_instance_uid,
+                "spacing": XrayGeometry.from_json(x.geometry).describe_spacing(),
+            }
+            for x in xrays
+            if x.geometry and x.geometry.get("pixel_spacing_estimated")
+        ]
         models = [
             {"id": m.id, "version": m.version, "state": m.state}
             for m in session.scalars(select(PoseModel).where(PoseModel.patient_id == patient.id))
@@ -79,6 +89,7 @@ def collect_status(session: Session) -> dict:
                     "waiting": counts.get(Usability.WAITING, 0),
                     "unusable": counts.get(Usability.UNUSABLE, 0),
                     "unusable_reasons": unusable,
+                    "estimated_spacing": estimated,
                 },
                 "registrations": {
                     "reliable": verdicts.get(True, 0),
@@ -126,6 +137,8 @@ def format_status(report: dict) -> str:
                 f"  registered frames: {done['reliable']} reliable, "
                 f"{done['unreliable']} NOT reliable{unassessed}"
             )
+        for item in xrays.get("estimated_spacing", []):
+            lines.append(f"    {item['sop_instance_uid']}: {item['spacing']}")
         if patient["models"]:
             models = ", ".join(f"v{m['version']} {m['state']}" for m in patient["models"])
             lines.append(f"  models: {models}")

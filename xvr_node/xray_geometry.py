@@ -22,14 +22,29 @@ XRAY_SOP_CLASSES: dict[str, str] = {
 
 SID_NAME = "Distance Source to Detector (0018,1110)"
 SPACING_NAME = "Imager Pixel Spacing (0018,1164)"
+INTENSIFIER_NAME = "Intensifier Size (0018,1162)"
+FIELD_OF_VIEW_NAME = "Field of View Dimensions (0018,1149)"
 
-PIXEL_SPACING_SOURCES = ("ImagerPixelSpacing", "PixelSpacing", "profile", "config")
+#: Pixel spacings estimated from the stated field size over the matrix, best first.
+ESTIMATED_SPACING_SOURCES = ("FieldOfViewDimensions", "IntensifierSize")
+#: Where a pixel spacing came from; the estimates come last, they are not measurements.
+PIXEL_SPACING_SOURCES = (
+    "ImagerPixelSpacing",
+    "PixelSpacing",
+    "profile",
+    "config",
+    *ESTIMATED_SPACING_SOURCES,
+)
 SID_SOURCES = ("DistanceSourceToDetector", "profile", "config")
 FALLBACK_SOURCES = ("profile", "config")
 
 
 class XrayGeometryError(ValueError):
     """The dataset is not an X-ray this node can register, or its geometry contradicts itself."""
+
+
+class UnsupportedGeometryError(XrayGeometryError):
+    """The geometry is stated consistently but this node cannot apply it (e.g. a quarter turn)."""
 
 
 @dataclass(frozen=True)
@@ -71,14 +86,23 @@ class XrayGeometry:
         Patient Orientation (0020,0020) as stored (row direction, column direction); may be
         empty.
     mirrored
-        Whether the stored columns run opposite to what the positioner angles predict.
+        Whether the stored columns run opposite to the image-plane x axis: Field of View
+        Horizontal Flip and Rotation 180 (0018,7034), (0018,7032), and a Patient Orientation
+        that contradicts the positioner angles (a C-arm storing RAO views as seen from the source).
     motion
         Positioner Motion (0018,1500): ``"STATIC"``, ``"DYNAMIC"`` or ``None``.
     frames
         The angles of each frame, in frame order.
     manufacturer, model_name, station_name
-        Manufacturer, Manufacturer's Model Name and Station Name: with the image size they
-        identify a C-arm for :meth:`device_key`. Empty when absent.
+        Manufacturer, Manufacturer's Model Name and Station Name: with the image size and the
+        zoom they identify a C-arm and detector mode for :meth:`device_key`. Empty when absent.
+    rows_reversed
+        Whether the stored rows run opposite to the image-plane y axis (Field of View Rotation
+        180): the image plane is the physical detector's grid, whatever the display rotation.
+    intensifier_size_mm
+        Intensifier Size (0018,1162): the diameter of the image intensifier's field, mm.
+    field_of_view_mm
+        Field of View Dimensions (0018,1149), mm, as stated (one value for a round field).
     """
 
     rows: int
@@ -97,6 +121,9 @@ class XrayGeometry:
     manufacturer: str = ""
     model_name: str = ""
     station_name: str = ""
+    rows_reversed: bool = False
+    intensifier_size_mm: float | None = None
+    field_of_view_mm: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # An object that constructs is consistent: callers store it and build intrinsics from it.
@@ -131,15 +158,47 @@ class XrayGeometry:
             missing.append(SPACING_NAME)
         return missing
 
+    def explain_missing(self) -> str:
+        """What is missing, and for the spacing why no estimate was possible; ``""`` if usable."""
+        missing = self.missing()
+        if not missing:
+            return ""
+        text = ", ".join(missing)
+        no_field_size = self.intensifier_size_mm is None and self.field_of_view_mm is None
+        if self.pixel_spacing_mm is None and no_field_size:
+            text += (
+                f" (and neither {INTENSIFIER_NAME} nor {FIELD_OF_VIEW_NAME} to estimate "
+                "the spacing from)"
+            )
+        return text
+
     def usable(self) -> bool:
         """Whether the intrinsics can be built (the angles are only an initial guess)."""
         return not self.missing()
 
+    @property
+    def pixel_spacing_estimated(self) -> bool:
+        """Whether the pixel spacing is an estimate from the field size, not a statement."""
+        return self.pixel_spacing_source in ESTIMATED_SPACING_SOURCES
+
+    def describe_spacing(self) -> str:
+        """The pixel spacing and its origin in words, for reasons, logs and status."""
+        if self.pixel_spacing_mm is None:
+            return "pixel spacing unknown"
+        row, column = self.pixel_spacing_mm
+        if self.pixel_spacing_source == "IntensifierSize":
+            origin = f"ESTIMATED from {INTENSIFIER_NAME} {self.intensifier_size_mm:g} mm"
+        elif self.pixel_spacing_source == "FieldOfViewDimensions":
+            dims = "x".join(f"{v:g}" for v in self.field_of_view_mm or ())
+            origin = f"ESTIMATED from {FIELD_OF_VIEW_NAME} {dims} mm"
+        else:
+            origin = f"from {self.pixel_spacing_source}"
+        return f"pixel spacing {row:.4g} x {column:.4g} mm {origin}"
+
     def intrinsics(self) -> Intrinsics:
         """The detector model for projection; ``ValueError`` names what is missing."""
-        missing = self.missing()
-        if missing:
-            raise ValueError(f"cannot build X-ray intrinsics: missing {', '.join(missing)}")
+        if self.missing():
+            raise ValueError(f"cannot build X-ray intrinsics: missing {self.explain_missing()}")
         row_spacing, column_spacing = self.pixel_spacing_mm  # type: ignore[misc]
         return Intrinsics(
             sid_mm=self.sid_mm,  # type: ignore[arg-type]
@@ -175,9 +234,59 @@ class XrayGeometry:
             changes.update(pixel_spacing_mm=(row, column), pixel_spacing_source=source)
         return replace(self, **changes) if changes else self
 
-    def device_key(self) -> tuple[str, str, str, int, int]:
-        """(manufacturer, model, station, rows, columns): how a C-arm profile is looked up."""
-        return (self.manufacturer, self.model_name, self.station_name, self.rows, self.columns)
+    def with_field_size_estimate(self) -> XrayGeometry:
+        """Estimate a missing pixel spacing as the stated field size over the matrix.
+
+        Field of View Dimensions (0018,1149) first: the exposed detector field, rows then
+        columns, or one diameter for a ROUND field. Else Intensifier Size (0018,1162): an image
+        intensifier's round field is inscribed in the stored matrix, so its diameter spans the
+        shorter side. Both ignore distortion, vignetting and any electronic magnification: the
+        result is labelled an estimate (:attr:`pixel_spacing_estimated`) and is used last,
+        after the C-arm's statement, learned profiles and the configuration.
+        """
+        if self.pixel_spacing_mm is not None:
+            return self
+        field = self.field_of_view_mm
+        if field is not None and len(field) in (1, 2):
+            if len(field) == 1:
+                spacing = (field[0] / min(self.rows, self.columns),) * 2
+            else:
+                spacing = (field[0] / self.rows, field[1] / self.columns)
+            return replace(
+                self, pixel_spacing_mm=spacing, pixel_spacing_source="FieldOfViewDimensions"
+            )
+        if self.intensifier_size_mm is not None:
+            diameter_spacing = self.intensifier_size_mm / min(self.rows, self.columns)
+            return replace(
+                self,
+                pixel_spacing_mm=(diameter_spacing, diameter_spacing),
+                pixel_spacing_source="IntensifierSize",
+            )
+        return self
+
+    def zoom_key(self) -> str:
+        """The detector's field-of-view mode as stated, ``""`` when the C-arm did not say.
+
+        Imager Pixel Spacing changes with the zoom at the same matrix, so a profile learned in
+        one mode must not fill the spacing of another.
+        """
+        parts = []
+        if self.field_of_view_mm:
+            parts.append("FOV " + "x".join(f"{v:g}" for v in self.field_of_view_mm))
+        if self.intensifier_size_mm is not None:
+            parts.append(f"II {self.intensifier_size_mm:g}")
+        return " ".join(parts)
+
+    def device_key(self) -> tuple[str, str, str, int, int, str]:
+        """(manufacturer, model, station, rows, columns, zoom): how a profile is looked up."""
+        return (
+            self.manufacturer,
+            self.model_name,
+            self.station_name,
+            self.rows,
+            self.columns,
+            self.zoom_key(),
+        )
 
     def to_json(self) -> dict:
         """Plain JSON types; :meth:`from_json` gives back an equal object."""
@@ -203,12 +312,19 @@ class XrayGeometry:
             "manufacturer": self.manufacturer,
             "model_name": self.model_name,
             "station_name": self.station_name,
+            "rows_reversed": self.rows_reversed,
+            "intensifier_size_mm": self.intensifier_size_mm,
+            "field_of_view_mm": (
+                None if self.field_of_view_mm is None else list(self.field_of_view_mm)
+            ),
+            "pixel_spacing_estimated": self.pixel_spacing_estimated,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> XrayGeometry:
         spacing = data["pixel_spacing_mm"]
         u0, v0 = data["principal_point_px"]
+        field_of_view = data.get("field_of_view_mm")
         return cls(
             rows=int(data["rows"]),
             columns=int(data["columns"]),
@@ -231,6 +347,11 @@ class XrayGeometry:
             manufacturer=str(data.get("manufacturer", "")),
             model_name=str(data.get("model_name", "")),
             station_name=str(data.get("station_name", "")),
+            rows_reversed=bool(data.get("rows_reversed", False)),
+            intensifier_size_mm=_optional_float(data.get("intensifier_size_mm")),
+            field_of_view_mm=(
+                None if field_of_view is None else tuple(float(v) for v in field_of_view)
+            ),
         )
 
 
@@ -254,6 +375,9 @@ def read_xray_geometry(ds: Dataset) -> XrayGeometry:
     XrayGeometryError
         The SOP class is not an X-ray one, Rows or Columns is missing, or the per-frame
         geometry has the wrong number of values for Number of Frames.
+    UnsupportedGeometryError
+        Field of View Rotation is a quarter turn or not a multiple of 90 degrees, or Field of
+        View Horizontal Flip is neither YES nor NO.
     """
     sop_class = _sop_class(ds)
     if sop_class not in XRAY_SOP_CLASSES:
@@ -285,12 +409,17 @@ def read_xray_geometry(ds: Dataset) -> XrayGeometry:
     motion = _text(_value(ds, "PositionerMotion")).upper() or None
     frames = _frame_angles(ds, per_frame, number_of_frames, motion)
 
+    rows_reversed, columns_reversed = _field_of_view_flips(ds)
     orientation = _patient_orientation(ds, per_frame)
     first = frames[0]
-    mirrored = False
+    mirrored_view = False
     if orientation and first.primary_deg is not None and first.secondary_deg is not None:
         view = CarmPose(first.primary_deg, first.secondary_deg, dsp or 1.0)
-        mirrored = is_mirrored(orientation, view.rotation()[:, 0])
+        # Patient Orientation describes the stored grid: undo the stated rotation and flip
+        # first, so that only a mirroring the C-arm did not declare is detected here.
+        detector_orientation = _undo_flips(orientation, rows_reversed, columns_reversed)
+        mirrored_view = is_mirrored(detector_orientation, view.rotation()[:, 0])
+    mirrored = columns_reversed != mirrored_view
 
     return XrayGeometry(
         rows=rows,
@@ -309,6 +438,9 @@ def read_xray_geometry(ds: Dataset) -> XrayGeometry:
         manufacturer=_text(_value(ds, "Manufacturer")),
         model_name=_text(_value(ds, "ManufacturerModelName")),
         station_name=_text(_value(ds, "StationName")),
+        rows_reversed=rows_reversed,
+        intensifier_size_mm=_positive(_value(ds, "IntensifierSize")),
+        field_of_view_mm=_field_of_view_dimensions(ds),
     )
 
 
@@ -428,10 +560,74 @@ def _legacy_axis(
         for increment in increments[1:]:
             angles.append(angles[-1] + increment)  # type: ignore[operator]
         return angles
-    if motion == "DYNAMIC":
-        # The C-arm moved but did not say how: only the first frame's angle is known.
-        return [first] + [None] * (number_of_frames - 1)
-    return [first] * number_of_frames
+    if motion == "STATIC":
+        return [first] * number_of_frames
+    # DYNAMIC without increments, or Positioner Motion absent or empty (Type 2C: unknown):
+    # only the first frame's angle is known.
+    return [first] + [None] * (number_of_frames - 1)
+
+
+def _field_of_view_flips(ds: Dataset) -> tuple[bool, bool]:
+    """(rows reversed, columns reversed) of the stored grid relative to the physical detector.
+
+    PS3.3 C.8.7.1.1: the stored image is the detector image rotated clockwise by Field of View
+    Rotation (0018,7032), then flipped horizontally when Field of View Horizontal Flip
+    (0018,7034) is YES. A half turn reverses rows and columns; a flip reverses columns. A
+    quarter turn would swap rows and columns (and the pixel spacing and image size with them);
+    it is refused rather than applied half-right.
+    """
+    rotation_value = _value(ds, "FieldOfViewRotation")
+    rotation = _number(rotation_value)
+    if rotation is None and _text(rotation_value):
+        raise UnsupportedGeometryError(
+            f"Field of View Rotation (0018,7032) {_text(rotation_value)!r} is not a number"
+        )
+    flip_text = _text(_value(ds, "FieldOfViewHorizontalFlip")).upper()
+    if flip_text not in ("", "YES", "NO"):
+        raise UnsupportedGeometryError(
+            f"Field of View Horizontal Flip (0018,7034) {flip_text!r} is neither YES nor NO"
+        )
+    flipped = flip_text == "YES"
+    turn = 0.0 if rotation is None else rotation % 360.0
+    if turn == 0.0:
+        return False, flipped
+    if turn == 180.0:
+        return True, not flipped
+    if turn in (90.0, 270.0):
+        raise UnsupportedGeometryError(
+            f"Field of View Rotation (0018,7032) {rotation:g}: quarter-turn rotations are not "
+            "applied by this node (detector rows and columns would swap)"
+        )
+    raise UnsupportedGeometryError(
+        f"Field of View Rotation (0018,7032) {rotation:g} is not 0, 90, 180 or 270 degrees"
+    )
+
+
+_OPPOSITE_LETTER = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
+
+
+def _undo_flips(
+    orientation: tuple[str, ...], rows_reversed: bool, columns_reversed: bool
+) -> tuple[str, ...]:
+    """Patient Orientation of the detector grid, from that of a stored grid with flips."""
+
+    def opposite(direction: str) -> str:
+        return "".join(_OPPOSITE_LETTER.get(c, c) for c in direction.upper())
+
+    values = list(orientation) + [""] * (2 - len(orientation))
+    row_direction, column_direction = values[0], values[1]
+    if columns_reversed:
+        row_direction = opposite(row_direction)
+    if rows_reversed:
+        column_direction = opposite(column_direction)
+    return (row_direction, column_direction, *values[2:])
+
+
+def _field_of_view_dimensions(ds: Dataset) -> tuple[float, ...] | None:
+    values = _numbers(_value(ds, "FieldOfViewDimensions"))
+    if not values or any(v is None or v <= 0 for v in values):
+        return None
+    return tuple(float(v) for v in values)  # type: ignore[arg-type]
 
 
 def _patient_orientation(ds: Dataset, per_frame: list[Dataset] | None) -> tuple[str, ...]:
@@ -531,3 +727,85 @@ def _check_source(name: str, value: Any, source: str | None, allowed: tuple[str,
         raise ValueError(f"{name} must be set exactly when its value is, got {source!r}")
     if source is not None and source not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, not {source!r}")
+
+
+# --- shutters and collimators ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShutterOutline:
+    """A display shutter or collimator as stated, converted to 0-based stored-pixel indices.
+
+    DICOM gives edges, centres and vertices 1-based (row 1, column 1 is the top-left pixel;
+    PS3.3 C.7.6.11 and C.8.7.3). Everything here is on the *stored* grid: apply mirroring and
+    Field of View flips yourself when working on the image plane.
+
+    Parameters
+    ----------
+    shapes
+        The stated shapes, e.g. ``("CIRCULAR", "RECTANGULAR")``; the open field is their
+        intersection.
+    rectangle
+        ``(top, bottom, left, right)``: first open row, one past the last open row, first open
+        column, one past the last open column (numpy slice bounds).
+    circle
+        ``(centre row, centre column, radius)`` in pixels, centre 0-based.
+    polygon
+        Vertices as ``(row, column)``, 0-based.
+    presentation_value
+        Shutter Presentation Value (0018,1622) (display shutters only).
+    """
+
+    shapes: tuple[str, ...]
+    rectangle: tuple[int, int, int, int] | None = None
+    circle: tuple[float, float, float] | None = None
+    polygon: tuple[tuple[float, float], ...] | None = None
+    presentation_value: int | None = None
+
+
+def read_display_shutter(ds: Dataset) -> ShutterOutline | None:
+    """The Display Shutter module (0018,1600…1622), or ``None`` when absent or unreadable."""
+    outline = _read_outline(ds, "Shutter")
+    if outline is None:
+        return None
+    value = _number(_value(ds, "ShutterPresentationValue"))
+    return replace(outline, presentation_value=None if value is None else int(value))
+
+
+def read_collimator(ds: Dataset) -> ShutterOutline | None:
+    """The X-Ray Collimator attributes (0018,1700…1720), or ``None`` when absent or unreadable."""
+    return _read_outline(ds, "Collimator")
+
+
+def _read_outline(ds: Dataset, prefix: str) -> ShutterOutline | None:
+    shapes = tuple(s.upper() for s in _strings(_value(ds, f"{prefix}Shape")) if s)
+    if not shapes:
+        return None
+    rectangle = circle = polygon = None
+    if "RECTANGULAR" in shapes:
+        edges = [
+            _number(_value(ds, f"{prefix}{name}"))
+            for name in (
+                "UpperHorizontalEdge",
+                "LowerHorizontalEdge",
+                "LeftVerticalEdge",
+                "RightVerticalEdge",
+            )
+        ]
+        if all(e is not None for e in edges):
+            upper, lower, left, right = (round(e) for e in edges)  # type: ignore[arg-type]
+            # 1-based inclusive edges -> 0-based slice bounds.
+            rectangle = (upper - 1, lower, left - 1, right)
+    if "CIRCULAR" in shapes:
+        centre = _numbers(_value(ds, f"CenterOfCircular{prefix}"))
+        radius = _positive(_value(ds, f"RadiusOfCircular{prefix}"))
+        if len(centre) == 2 and None not in centre and radius is not None:
+            circle = (centre[0] - 1.0, centre[1] - 1.0, radius)  # type: ignore[operator]
+    if "POLYGONAL" in shapes:
+        values = _numbers(_value(ds, f"VerticesOfThePolygonal{prefix}"))
+        if len(values) >= 6 and len(values) % 2 == 0 and None not in values:
+            polygon = tuple(
+                (values[i] - 1.0, values[i + 1] - 1.0)  # type: ignore[operator]
+                for i in range(0, len(values), 2)
+            )
+    return ShutterOutline(shapes=shapes, rectangle=rectangle, circle=circle, polygon=polygon)

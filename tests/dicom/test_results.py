@@ -29,7 +29,13 @@ from xvr_node.dicom.sro import (
     read_registration_result,
     validate_registration,
 )
-from xvr_node.geometry import Intrinsics, invert_rigid, project, stored_column
+from xvr_node.geometry import (
+    Intrinsics,
+    invert_rigid,
+    patient_orientation,
+    project,
+    stored_column,
+)
 
 pytestmark = pytest.mark.slow  # the phantom fixture renders DRRs
 
@@ -187,6 +193,112 @@ def write(ds: Dataset, path: Path) -> Path:
 def test_objects_pass_dciodvfy(built, name, tmp_path):
     path = write(built[name], tmp_path / f"{name}.dcm")
     assert dciodvfy_errors(path) == []
+
+
+#: Type 3 attributes real X-rays often lack, and Type 2 ones they often leave empty.
+OPTIONAL_ABSENT = (
+    "BodyPartExamined",
+    "Laterality",
+    "ImageLaterality",
+    "StudyDescription",
+    "SeriesDescription",
+    "InstitutionName",
+    "StationName",
+    "ManufacturerModelName",
+    "IssuerOfPatientID",
+)
+TYPE_2_EMPTY = (
+    "PatientOrientation",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+    "Manufacturer",
+)
+
+
+def without_optional_attributes(ds: Dataset) -> Dataset:
+    bare = copy.deepcopy(ds)
+    for keyword in OPTIONAL_ABSENT:
+        if keyword in bare:
+            delattr(bare, keyword)
+    for keyword in TYPE_2_EMPTY:
+        setattr(bare, keyword, "")
+    return bare
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def bare_built(request, phantom_dir, truth, ct) -> dict:
+    """The three objects for an X-ray and CT that carry none of the optional attributes."""
+    record = pick(truth, request.param)
+    xray = without_optional_attributes(pydicom.dcmread(phantom_dir / record["file"]))
+    bare_ct = [without_optional_attributes(slice_) for slice_ in ct]
+    result = result_from_truth(record, xray)
+    result.rows_reversed = True  # the flags of a half-turned, estimated image travel along
+    result.pixel_spacing_estimated = True
+    sro = build_spatial_registration(xray, bare_ct, result, content_creator="")
+    sr = build_measurement_report(xray, sro, result)
+    edges = np.zeros((xray.Rows, xray.Columns), dtype=bool)
+    rgb = compose_overlay(xray_frame(xray, record), edges, overlay_legend(result))
+    sc = build_overlay(xray, rgb, result)
+    return {"xray": xray, "result": result, "sro": sro, "sr": sr, "sc": sc}
+
+
+@pytest.mark.parametrize("name", ["sro", "sr", "sc"])
+def test_objects_pass_dciodvfy_when_the_inputs_lack_optional_attributes(bare_built, name, tmp_path):
+    assert "BodyPartExamined" not in bare_built["xray"]
+    path = write(bare_built[name], tmp_path / f"{name}.dcm")
+    assert dciodvfy_errors(path) == []
+
+
+def test_sro_keeps_the_half_turn_and_estimate_flags(bare_built, tmp_path):
+    back = read_registration_result(pydicom.dcmread(write(bare_built["sro"], tmp_path / "sro.dcm")))
+    assert back.rows_reversed is True
+    assert back.pixel_spacing_estimated is True
+    # Without the X-ray's Patient Orientation the SC states the stored grid's: a half-turned
+    # image's rows run the other way, so its column direction is the opposite one.
+    result = bare_built["result"]
+    row, column = patient_orientation(result.matrix, result.mirrored)
+    opposite = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
+    assert list(bare_built["sc"].PatientOrientation) == [
+        row,
+        "".join(opposite[c] for c in column),
+    ]
+
+
+@pytest.mark.parametrize("device", ["OEC 9900 RF", "Innova XA cine"])
+def test_objects_from_device_shaped_xrays_pass_dciodvfy(device, truth, ct, tmp_path):
+    """Real devices' header shapes: 16-bit DISP RF without orientation, 8-bit XA cine."""
+    from tests.support.device_headers import innova_xa, oec9900_rf
+    from xvr_node.xray_geometry import read_xray_geometry
+
+    xray = oec9900_rf(matrix=64) if device.startswith("OEC") else innova_xa(3, 64)
+    xray.PatientID = ct[0].PatientID  # registered to this patient's CT
+    del xray.PatientBirthDate, xray.PatientSex  # Type 2, yet the node accepts X-rays without
+    geometry = read_xray_geometry(xray).with_field_size_estimate()
+    record = pick(truth, "single-frame XA")
+    result = RegistrationResult(
+        matrix=np.array(record["matrix"]),
+        intrinsics=geometry.intrinsics(),
+        similarity=0.5,
+        iterations=10,
+        wall_time_s=1.0,
+        initializer="dicom",
+        model_id=None,
+        software_version="0.1.0",
+        frame_numbers=[2] if geometry.number_of_frames > 1 else None,
+        pixel_spacing_estimated=geometry.pixel_spacing_estimated,
+    )
+    sro = build_spatial_registration(xray, ct, result, content_creator="")
+    sr = build_measurement_report(xray, sro, result)
+    frame = np.frombuffer(xray.PixelData, dtype=np.uint16 if xray.BitsAllocated == 16 else np.uint8)
+    frame = frame.reshape(-1, xray.Rows, xray.Columns)[0]
+    edges = np.zeros((xray.Rows, xray.Columns), dtype=bool)
+    sc = build_overlay(xray, compose_overlay(frame, edges, overlay_legend(result)), result)
+    for name, ds in {"sro": sro, "sr": sr, "sc": sc}.items():
+        assert dciodvfy_errors(write(ds, tmp_path / f"{name}.dcm")) == [], (device, name)
 
 
 def test_objects_belong_to_the_xray_study_in_new_series(built):

@@ -337,6 +337,7 @@ class CarmProfile(Base):
             "station_name",
             "detector_rows",
             "detector_columns",
+            "zoom",
             name="uq_carm_profiles_device",
         ),
         CheckConstraint(_one_of("source", ProfileSource), name="source"),
@@ -349,6 +350,9 @@ class CarmProfile(Base):
     station_name: Mapped[str] = mapped_column(String(64), default="", server_default=EMPTY_STRING)
     detector_rows: Mapped[int]
     detector_columns: Mapped[int]
+    # The field-of-view mode as the images state it (XrayGeometry.zoom_key: Field of View
+    # Dimensions, Intensifier Size); Imager Pixel Spacing changes with it at the same matrix.
+    zoom: Mapped[str] = mapped_column(String(64), default="", server_default=EMPTY_STRING)
     sid_mm: Mapped[float | None] = mapped_column(Float)
     pixel_spacing_row_mm: Mapped[float | None] = mapped_column(Float)
     pixel_spacing_col_mm: Mapped[float | None] = mapped_column(Float)

@@ -38,6 +38,7 @@ from xvr_node.dicom.storage import FileStore, StorageFullError, StoredFile, is_v
 from xvr_node.jobs.triggers import queue_register
 from xvr_node.xray_geometry import (
     XRAY_SOP_CLASSES,
+    UnsupportedGeometryError,
     XrayGeometry,
     XrayGeometryError,
     read_xray_geometry,
@@ -130,11 +131,17 @@ class Receiver:
         calling_ae: str | None,
         peer: str | None = None,
         context_sop_class: str | None = None,
+        affected_sop_class: str | None = None,
     ) -> ReceiveOutcome:
-        """Handle one encoded instance (DICOM file format bytes); never raises."""
+        """Handle one encoded instance (DICOM file format bytes); never raises.
+
+        ``context_sop_class`` is the abstract syntax of the presentation context it came on,
+        ``affected_sop_class`` the Affected SOP Class UID of the C-STORE request: the data
+        set's SOP Class UID must equal both (0xA900 otherwise).
+        """
         try:
             ds = self._parse(part10)
-            self._validate(ds, context_sop_class)
+            self._validate(ds, context_sop_class, affected_sop_class)
             return self._store_and_catalog(ds, part10, calling_ae)
         except RefusedError as refused:
             sop_uid = _safe_sop_uid(part10)
@@ -223,19 +230,28 @@ class Receiver:
                 f"pixel data holds {length} bytes but Rows, Columns and frames need {needed}",
             )
 
-    def _validate(self, ds: pydicom.Dataset, context_sop_class: str | None) -> None:
+    def _validate(
+        self,
+        ds: pydicom.Dataset,
+        context_sop_class: str | None,
+        affected_sop_class: str | None = None,
+    ) -> None:
         sop_class = str(ds.get("SOPClassUID", ""))
         if sop_class not in STORAGE_SOP_CLASSES:
             raise RefusedError(
                 DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 f"SOP Class {sop_class or '(missing)'} is not stored here",
             )
-        if context_sop_class and sop_class != context_sop_class:
-            raise RefusedError(
-                DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"data set is {STORAGE_SOP_CLASSES[sop_class]} ({sop_class}) but was sent on a "
-                f"{STORAGE_SOP_CLASSES.get(context_sop_class, context_sop_class)} context",
-            )
+        for claimed, where in (
+            (affected_sop_class, "a C-STORE request whose Affected SOP Class is"),
+            (context_sop_class, "a presentation context for"),
+        ):
+            if claimed and sop_class != claimed:
+                raise RefusedError(
+                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    f"data set is {STORAGE_SOP_CLASSES[sop_class]} ({sop_class}) but was sent "
+                    f"on {where} {STORAGE_SOP_CLASSES.get(claimed, claimed)} ({claimed})",
+                )
         for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
             value = str(ds.get(keyword, ""))
             if not is_valid_uid(value):
@@ -318,7 +334,7 @@ class Receiver:
     ) -> int:
         """One INSERT and one UPDATE in the common case; commits."""
         series_id, patient_pk = self._series_row(session, ds)
-        if geometry is not None and usability != Usability.UNUSABLE:
+        if geometry is not None:
             self._learn_profile(session, geometry)
         linked_volume_id = None
         if usability == Usability.WAITING:
@@ -374,27 +390,42 @@ class Receiver:
         return ids
 
     def _usability(self, ds: pydicom.Dataset) -> tuple[str, str | None, XrayGeometry | None]:
-        """Whether an X-ray can be registered (and why not); CT slices are not X-rays."""
+        """Whether an X-ray can be registered (and why not); CT slices are not X-rays.
+
+        The geometry is read (and kept) before anything else is judged: an X-ray without a
+        Patient ID still teaches the node its C-arm, and registers once an operator links it.
+        """
         if str(ds.SOPClassUID) not in XRAY_SOP_CLASSES:
             return Usability.NOT_XRAY, None, None
+        reasons = []
         if not str(ds.get("PatientID", "")).strip():
-            return Usability.UNUSABLE, "Patient ID is empty: cannot find the patient's CT", None
+            reasons.append(
+                "Patient ID is empty: cannot find the patient's CT; link it with `xvr-node link`"
+            )
         try:
             geometry = read_xray_geometry(ds)
+        except UnsupportedGeometryError as error:
+            reasons.append(f"geometry cannot be applied: {error}")
+            return Usability.UNUSABLE, "; ".join(reasons), None
         except XrayGeometryError as error:
-            return Usability.UNUSABLE, f"inconsistent geometry: {error}", None
+            reasons.append(f"inconsistent geometry: {error}")
+            return Usability.UNUSABLE, "; ".join(reasons), None
         if not geometry.usable():
             geometry = self._fill_from_profiles(geometry)
-        missing = geometry.missing()
-        if missing:
-            return (
-                Usability.UNUSABLE,
-                "missing geometry and no C-arm profile for this device: " + ", ".join(missing),
-                geometry,
+        if not geometry.usable():
+            reasons.append(
+                "missing geometry and no C-arm profile for this device: "
+                + geometry.explain_missing()
             )
-        return Usability.WAITING, "waiting for a CT volume of this patient", geometry
+        # An estimated spacing scales the result: the reason says so while it is shown.
+        estimate = [geometry.describe_spacing()] if geometry.pixel_spacing_estimated else []
+        if reasons:
+            return Usability.UNUSABLE, "; ".join(reasons + estimate), geometry
+        waiting = "waiting for a CT volume of this patient"
+        return Usability.WAITING, "; ".join([waiting, *estimate]), geometry
 
     def _fill_from_profiles(self, geometry: XrayGeometry) -> XrayGeometry:
+        """Learned profile of this device and zoom, then configuration, then an estimate."""
         with self.sessions() as session:
             learned = _device_profile(session, geometry)
             if learned is not None and learned.source != ProfileSource.LEARNED:
@@ -411,7 +442,7 @@ class Receiver:
                 geometry = geometry.with_profile(
                     fallback.sid_mm, fallback.pixel_spacing_mm, "config"
                 )
-        return geometry
+        return geometry.with_field_size_estimate()
 
     def _learn_profile(self, session: Session, geometry: XrayGeometry) -> None:
         """Remember a device's detector geometry from an image that states it in full."""
@@ -424,7 +455,7 @@ class Receiver:
         if self._learned.get(geometry.device_key()) == known:
             return  # nothing new about this device
         self._learned[geometry.device_key()] = known
-        manufacturer, model, station, rows, columns = geometry.device_key()
+        manufacturer, model, station, rows, columns, zoom = geometry.device_key()
         profile = _device_profile(session, geometry)
         if profile is None:
             profile = CarmProfile(
@@ -433,6 +464,7 @@ class Receiver:
                 station_name=station,
                 detector_rows=rows,
                 detector_columns=columns,
+                zoom=zoom,
                 source=ProfileSource.LEARNED,
             )
             session.add(profile)
@@ -514,8 +546,8 @@ class Receiver:
 
 
 def _device_profile(session: Session, geometry: XrayGeometry) -> CarmProfile | None:
-    """The stored profile of the device (manufacturer, model, station, detector size)."""
-    manufacturer, model, station, rows, columns = geometry.device_key()
+    """The stored profile of the device (manufacturer, model, station, detector size, zoom)."""
+    manufacturer, model, station, rows, columns, zoom = geometry.device_key()
     return session.scalars(
         select(CarmProfile).where(
             CarmProfile.manufacturer == manufacturer,
@@ -523,6 +555,7 @@ def _device_profile(session: Session, geometry: XrayGeometry) -> CarmProfile | N
             CarmProfile.station_name == station,
             CarmProfile.detector_rows == rows,
             CarmProfile.detector_columns == columns,
+            CarmProfile.zoom == zoom,
         )
     ).first()
 

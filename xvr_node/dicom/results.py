@@ -45,6 +45,8 @@ PRIVATE_MODEL_ID = 0x08  # LO: pose-regression model identifier (empty: none)
 PRIVATE_MIRRORED = 0x09  # CS: YES when stored columns run opposite to image-plane x
 PRIVATE_INITIALIZER = 0x0A  # CS: MODEL, DICOM, FIXED, MULTISTART or TRACKING
 PRIVATE_WALL_TIME = 0x0B  # FD, s: registration wall time
+PRIVATE_ROWS_REVERSED = 0x0C  # CS: YES when stored rows run opposite to image-plane y
+PRIVATE_SPACING_ESTIMATED = 0x0D  # CS: YES when the pixel spacing is an estimate, not stated
 PRIVATE_CONVENTIONS = 0x10  # UT: the image-plane convention, in words
 
 #: (offset, VR, VM, keyword, name) of each private element, for the conformance statement.
@@ -60,6 +62,8 @@ PRIVATE_DICTIONARY: tuple[tuple[int, str, str, str, str], ...] = (
     (PRIVATE_MIRRORED, "CS", "1", "XvrMirrored", "Stored Image Mirrored"),
     (PRIVATE_INITIALIZER, "CS", "1", "XvrInitializer", "Pose Initializer"),
     (PRIVATE_WALL_TIME, "FD", "1", "XvrWallTime", "Registration Wall Time"),
+    (PRIVATE_ROWS_REVERSED, "CS", "1", "XvrRowsReversed", "Stored Image Rows Reversed"),
+    (PRIVATE_SPACING_ESTIMATED, "CS", "1", "XvrSpacingEstimated", "Pixel Spacing Estimated"),
     (PRIVATE_CONVENTIONS, "UT", "1", "XvrConventions", "Coordinate Conventions"),
 )
 
@@ -71,7 +75,8 @@ CONVENTIONS_TEXT = (
     "toward the source; +x along a row (increasing column); +y down a column (increasing "
     "row); +z = x cross y, toward the X-ray source; mm on the detector (Imager Pixel Spacing). "
     "The source is at M (u0*column spacing, v0*row spacing, SID, 1). When Mirrored is YES the "
-    "stored column j is image-plane column (Columns - 1 - j)."
+    "stored column j is image-plane column (Columns - 1 - j); when Rows Reversed is YES the "
+    "stored row i is image-plane row (Rows - 1 - i)."
 )
 
 add_private_dict_entries(
@@ -115,7 +120,12 @@ class RegistrationResult:
     frame_numbers
         1-based frames the pose holds for (Referenced Frame Number); ``None``: whole image.
     mirrored
-        Whether the X-ray stores its columns mirrored (seen from the source).
+        Whether the X-ray stores its columns mirrored (seen from the source, or Field of View
+        Horizontal Flip / Rotation 180).
+    rows_reversed
+        Whether the X-ray stores its rows reversed (Field of View Rotation 180).
+    pixel_spacing_estimated
+        Whether the intrinsics' pixel spacing is an estimate (from the field size), not stated.
     reliable, confidence, quality_reasons
         The quality gate's verdict: ``reliable`` is ``None`` for results from before the gate;
         ``confidence`` in [0, 1]; the reasons say why a result is not reliable.
@@ -145,6 +155,8 @@ class RegistrationResult:
         return "NOT RELIABLE" + (
             ": " + "; ".join(self.quality_reasons) if self.quality_reasons else ""
         )
+    rows_reversed: bool = False
+    pixel_spacing_estimated: bool = False
 
     def __post_init__(self) -> None:
         matrix = np.array(self.matrix, dtype=np.float64)
@@ -178,6 +190,8 @@ class RegistrationResult:
                 )
             self.frame_numbers = frames
         self.mirrored = bool(self.mirrored)
+        self.rows_reversed = bool(self.rows_reversed)
+        self.pixel_spacing_estimated = bool(self.pixel_spacing_estimated)
 
 
 # --- small shared helpers -------------------------------------------------------------------
@@ -210,6 +224,19 @@ def body_part_examined(*sources: Dataset) -> str | None:
         if value:
             return str(value)
     return None
+
+
+def set_body_part_or_laterality(target: Dataset, *sources: Dataset) -> None:
+    """Body Part Examined from the first source that has one, else an empty Laterality.
+
+    General Series Laterality (0020,0060) is Type 2C; without Body Part Examined dciodvfy
+    requires it, and real X-rays often carry neither: empty means unknown.
+    """
+    body_part = body_part_examined(*sources)
+    if body_part:
+        target.BodyPartExamined = body_part
+    elif "Laterality" not in target:
+        target.Laterality = ""
 
 
 def copy_patient_extras(target: Dataset, source: Dataset) -> None:

@@ -16,9 +16,9 @@ from xvr_node.dicom.results import (
     SERIES_DESCRIPTION_OVERLAY,
     SERIES_NUMBER_OVERLAY,
     RegistrationResult,
-    body_part_examined,
     check_xray,
     copy_patient_extras,
+    set_body_part_or_laterality,
 )
 from xvr_node.geometry import patient_orientation
 
@@ -245,9 +245,7 @@ def build_overlay(
     )
     sc.PatientOrientation = list(orientation)
     copy_patient_extras(sc, xray)
-    body_part = body_part_examined(xray)
-    if body_part:
-        sc.BodyPartExamined = body_part
+    set_body_part_or_laterality(sc, xray)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = DERIVATION_DESCRIPTION
@@ -262,7 +260,9 @@ def _patient_orientation(xray: Dataset, result: RegistrationResult) -> tuple[str
     stated = [str(v) for v in (xray.get("PatientOrientation") or [])]
     if len(stated) == 2 and all(stated):
         return stated[0], stated[1]
-    row, column = patient_orientation(result.matrix, mirrored=result.mirrored)
+    row, column = patient_orientation(
+        result.matrix, mirrored=result.mirrored, rows_reversed=result.rows_reversed
+    )
     return row, column
 
 

@@ -135,6 +135,7 @@ def handlers(
             calling_ae=requestor.ae_title,
             peer=requestor.address,
             context_sop_class=str(event.context.abstract_syntax),
+            affected_sop_class=str(event.request.AffectedSOPClassUID or "") or None,
         )
         return outcome.status
 

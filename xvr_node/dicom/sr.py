@@ -198,7 +198,7 @@ def build_measurement_report(
         imaging_measurements=[group],
     )
     sr = ComprehensiveSR(
-        evidence=[xray] if sro is None else [xray, sro],
+        evidence=[_with_patient_study_type2(xray)] + ([] if sro is None else [sro]),
         content=report,
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
@@ -215,3 +215,33 @@ def build_measurement_report(
     # object Standard Extended).
     copy_patient_extras(sr, xray)
     return sr
+
+
+#: Type 2 Patient and General Study attributes highdicom copies from the evidence; the node
+#: accepts X-rays that omit them (they then become empty, i.e. unknown).
+_TYPE_2_COPIED = (
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _with_patient_study_type2(xray: Dataset) -> Dataset:
+    """The X-ray's header (no pixel data copied) with absent Type 2 attributes present, empty."""
+    missing = [keyword for keyword in _TYPE_2_COPIED if keyword not in xray]
+    if not missing:
+        return xray
+    header = Dataset()
+    for element in xray:
+        if element.tag.group != 0x7FE0:
+            header.add(element)
+    if hasattr(xray, "file_meta"):
+        header.file_meta = xray.file_meta
+    for keyword in missing:
+        setattr(header, keyword, "")
+    return header

@@ -25,17 +25,19 @@ from xvr_node.dicom.results import (
     PRIVATE_PIXEL_SPACING,
     PRIVATE_PRINCIPAL_POINT,
     PRIVATE_ROWS,
+    PRIVATE_ROWS_REVERSED,
     PRIVATE_SID,
     PRIVATE_SIMILARITY,
+    PRIVATE_SPACING_ESTIMATED,
     PRIVATE_WALL_TIME,
     SERIES_DESCRIPTION_REGISTRATION,
     SERIES_NUMBER_REGISTRATION,
     RegistrationResult,
-    body_part_examined,
     check_xray,
     copy_patient_extras,
     format_ds,
     now_date_time,
+    set_body_part_or_laterality,
 )
 from xvr_node.geometry import Intrinsics
 
@@ -151,9 +153,7 @@ def build_spatial_registration(
     ds.SeriesDate = date
     ds.SeriesTime = time
     ds.SeriesDescription = SERIES_DESCRIPTION_REGISTRATION
-    body_part = body_part_examined(xray, ct)
-    if body_part:
-        ds.BodyPartExamined = body_part
+    set_body_part_or_laterality(ds, xray, ct)
 
     # Frame of Reference: the CT's patient space is the registered space.
     ds.FrameOfReferenceUID = ct.FrameOfReferenceUID
@@ -321,6 +321,10 @@ def _add_private_block(ds: Dataset, result: RegistrationResult) -> None:
     block.add_new(PRIVATE_MIRRORED, "CS", "YES" if result.mirrored else "NO")
     block.add_new(PRIVATE_INITIALIZER, "CS", result.initializer.upper())
     block.add_new(PRIVATE_WALL_TIME, "FD", float(result.wall_time_s))
+    block.add_new(PRIVATE_ROWS_REVERSED, "CS", "YES" if result.rows_reversed else "NO")
+    block.add_new(
+        PRIVATE_SPACING_ESTIMATED, "CS", "YES" if result.pixel_spacing_estimated else "NO"
+    )
     block.add_new(PRIVATE_CONVENTIONS, "UT", CONVENTIONS_TEXT)
 
 
@@ -381,6 +385,8 @@ def read_registration_result(ds: Dataset) -> RegistrationResult:
         software_version=str(software) or "unknown",
         frame_numbers=frames,
         mirrored=block["mirrored"],
+        rows_reversed=block["rows_reversed"],
+        pixel_spacing_estimated=block["pixel_spacing_estimated"],
     )
 
 
@@ -388,7 +394,8 @@ def read_private_block(ds: Dataset) -> dict:
     """The values of xvr-node's private block (see ``results.PRIVATE_DICTIONARY``).
 
     Returns a dict with ``intrinsics``, ``similarity``, ``iterations``, ``wall_time_s``,
-    ``initializer``, ``model_id`` (``None`` when empty) and ``mirrored``.
+    ``initializer``, ``model_id`` (``None`` when empty), ``mirrored``, ``rows_reversed`` and
+    ``pixel_spacing_estimated`` (the last two ``False`` in objects written before they were).
     """
     try:
         block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
@@ -424,7 +431,17 @@ def read_private_block(ds: Dataset) -> dict:
         "initializer": str(value(PRIVATE_INITIALIZER)).lower(),
         "model_id": str(value(PRIVATE_MODEL_ID) or "") or None,
         "mirrored": str(value(PRIVATE_MIRRORED)).upper() == "YES",
+        "rows_reversed": _optional_flag(block, PRIVATE_ROWS_REVERSED),
+        "pixel_spacing_estimated": _optional_flag(block, PRIVATE_SPACING_ESTIMATED),
     }
+
+
+def _optional_flag(block, offset: int) -> bool:
+    """A YES/NO private flag added in a later version: absent means NO."""
+    try:
+        return str(block[offset].value).upper() == "YES"
+    except KeyError:
+        return False
 
 
 def _single_matrix(item: Dataset) -> np.ndarray:

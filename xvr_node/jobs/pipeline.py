@@ -312,14 +312,19 @@ class Pipeline:
         xray = pydicom.dcmread(self.store.absolute(instance.path))
         volume = instance.linked_volume
         ct_headers = self._ct_headers(volume)
-        mirrored = bool((instance.geometry or {}).get("mirrored", False))
+        geometry = instance.geometry or {}
+        xray_flags = {
+            "mirrored": bool(geometry.get("mirrored", False)),
+            "rows_reversed": bool(geometry.get("rows_reversed", False)),
+            "pixel_spacing_estimated": bool(geometry.get("pixel_spacing_estimated", False)),
+        }
         series = {
             kind: generate_uid(entropy_srcs=[instance.sop_instance_uid, kind, str(rows[0].id)])
             for kind in ("sro", "sr", "sc")
         }
         stored = stored_objects = 0
         for row in rows:
-            objects = self._result_objects(xray, ct_headers, row, volume, mirrored, series)
+            objects = self._result_objects(xray, ct_headers, row, volume, xray_flags, series)
             stored_objects += len(objects)
             stored += len(
                 store_result_objects(
@@ -351,7 +356,7 @@ class Pipeline:
         ct_headers: list[Dataset],
         row: Registration,
         volume: Volume,
-        mirrored: bool,
+        xray_flags: dict[str, bool],
         series: dict[str, str],
     ) -> list[tuple[str, Dataset]]:
         """SR and overlay SC of one result, and its SRO unless the gate found it unreliable.
@@ -376,7 +381,7 @@ class Pipeline:
             model_id=model_label,
             software_version=__version__,
             frame_numbers=None if frame_number is None else [frame_number],
-            mirrored=mirrored,
+            **xray_flags,
             reliable=row.reliable,
             confidence=row.confidence,
             quality_reasons=list(quality.get("reasons", [])),
@@ -409,8 +414,10 @@ class Pipeline:
         if int(xray.get("NumberOfFrames", 1) or 1) > 1:
             pixels = pixels[number - 1]
         field = field_of_view(xray, pixels).outline()
-        if mirrored:  # the image plane's columns run the other way in the stored pixels
+        if result.mirrored:  # the image plane's columns run the other way in the stored pixels
             contours = {name: mask[:, ::-1] for name, mask in contours.items()}
+        if result.rows_reversed:  # Field of View Rotation 180: rows too
+            contours = {name: mask[::-1, :] for name, mask in contours.items()}
         rgb = compose_overlay(
             pixels, contours, overlay_legend(result), field_outline=field, reliable=row.reliable
         )

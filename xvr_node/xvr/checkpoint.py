@@ -184,9 +184,15 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> Path:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint; only tensors and plain data are unpickled (``weights_only``)."""
-    payload = torch.load(Path(path), map_location=map_location, weights_only=True)
-    if payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an xvr-node checkpoint ({payload.get('format')!r})")
+    try:
+        payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+    except Exception as error:  # torch.load raises many kinds on a file that is no checkpoint
+        raise ValueError(
+            f"{path} is not an xvr-node checkpoint (unreadable: {type(error).__name__})"
+        ) from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} is not an xvr-node checkpoint ({found!r})")
     return Checkpoint(
         model=payload["model"],
         model_config=payload["model_config"],

@@ -20,6 +20,8 @@ from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
+from xvr_node.xray_geometry import ShutterOutline, read_collimator, read_display_shutter
+
 #: Smallest open field, as a fraction of the image, that a source may claim: below it the
 #: source is taken for wrong (a vendor's zero edges) rather than for a pinhole field.
 MIN_OPEN_FRACTION = 0.05
@@ -59,8 +61,8 @@ def field_of_view(ds: Dataset, pixels: np.ndarray, detect: bool = True) -> Field
     mask = np.ones((rows, columns), dtype=bool)
     sources: list[str] = []
     for name, candidate in (
-        ("collimator", collimator_mask(ds, rows, columns)),
-        ("shutter", shutter_mask(ds, rows, columns)),
+        ("collimator", outline_mask(read_collimator(ds), rows, columns)),
+        ("shutter", outline_mask(read_display_shutter(ds), rows, columns)),
         ("image", detect_open_field(pixels) if detect else None),
     ):
         if candidate is None or candidate.mean() < MIN_OPEN_FRACTION:
@@ -75,86 +77,32 @@ def field_of_view(ds: Dataset, pixels: np.ndarray, detect: bool = True) -> Field
     return FieldOfView(mask, sources)
 
 
-def _edges(item: Dataset, prefix: str) -> tuple[int, int, int, int] | None:
-    """(left, right, upper, lower) 1-based edges of a rectangular collimator or shutter."""
-    try:
-        return (
-            int(getattr(item, f"{prefix}LeftVerticalEdge")),
-            int(getattr(item, f"{prefix}RightVerticalEdge")),
-            int(getattr(item, f"{prefix}UpperHorizontalEdge")),
-            int(getattr(item, f"{prefix}LowerHorizontalEdge")),
-        )
-    except (AttributeError, TypeError, ValueError):
+def outline_mask(outline: ShutterOutline | None, rows: int, columns: int) -> np.ndarray | None:
+    """The open area of a stated shutter or collimator: the intersection of its shapes."""
+    if outline is None:
         return None
+    mask: np.ndarray | None = None
 
+    def narrow(part: np.ndarray) -> None:
+        nonlocal mask
+        mask = part if mask is None else mask & part
 
-def _rectangle(edges: tuple[int, int, int, int], rows: int, columns: int) -> np.ndarray | None:
-    left, right, upper, lower = edges
-    mask = np.zeros((rows, columns), dtype=bool)
-    # 1-based inclusive edges → 0-based slices.
-    top, bottom = max(upper - 1, 0), min(lower, rows)
-    first, last = max(left - 1, 0), min(right, columns)
-    if bottom - top < 8 or last - first < 8:
-        return None
-    mask[top:bottom, first:last] = True
-    return mask
-
-
-def _circle(centre_row_column: tuple[float, float], radius: float, rows: int, columns: int):
-    row_c, column_c = centre_row_column[0] - 1.0, centre_row_column[1] - 1.0
-    yy, xx = np.mgrid[0:rows, 0:columns]
-    return (yy - row_c) ** 2 + (xx - column_c) ** 2 <= radius**2
-
-
-def _polygon(vertices: list[float], rows: int, columns: int) -> np.ndarray | None:
-    points = [(vertices[i + 1] - 1.0, vertices[i] - 1.0) for i in range(0, len(vertices) - 1, 2)]
-    if len(points) < 3:
-        return None
-    canvas = Image.new("1", (columns, rows), 0)
-    ImageDraw.Draw(canvas).polygon(points, fill=1)  # (x, y) = (column, row)
-    return np.asarray(canvas, dtype=bool)
-
-
-def collimator_mask(ds: Dataset, rows: int, columns: int) -> np.ndarray | None:
-    """The collimator's opening, when its attributes describe one (Enhanced XA: its macro)."""
-    item = ds
-    sequence = _first_group_item(ds, "CollimatorShapeSequence")
-    if sequence is not None:
-        item = sequence
-    shapes = {s.upper() for s in _strings(item.get("CollimatorShape", ""))}
-    mask = None
-    if "RECTANGULAR" in shapes and (edges := _edges(item, "Collimator")) is not None:
-        mask = _rectangle(edges, rows, columns)
-    if "CIRCULAR" in shapes:
-        circle = _circular(item, "CenterOfCircularCollimator", "RadiusOfCircularCollimator")
-        if circle is not None:
-            disc = _circle(*circle, rows, columns)
-            mask = disc if mask is None else mask & disc
-    if "POLYGONAL" in shapes:
-        polygon = _polygon(_floats(item.get("VerticesOfThePolygonalCollimator")), rows, columns)
-        if polygon is not None:
-            mask = polygon if mask is None else mask & polygon
-    return mask
-
-
-def shutter_mask(ds: Dataset, rows: int, columns: int) -> np.ndarray | None:
-    """The display shutters' open area (their intersection, as PS3.3 C.7.6.11 says)."""
-    item = ds
-    shapes = {s.upper() for s in _strings(ds.get("ShutterShape", ""))}
-    if not shapes:
-        return None
-    mask = None
-    if "RECTANGULAR" in shapes and (edges := _edges(item, "Shutter")) is not None:
-        mask = _rectangle(edges, rows, columns)
-    if "CIRCULAR" in shapes:
-        circle = _circular(item, "CenterOfCircularShutter", "RadiusOfCircularShutter")
-        if circle is not None:
-            disc = _circle(*circle, rows, columns)
-            mask = disc if mask is None else mask & disc
-    if "POLYGONAL" in shapes:
-        polygon = _polygon(_floats(item.get("VerticesOfThePolygonalShutter")), rows, columns)
-        if polygon is not None:
-            mask = polygon if mask is None else mask & polygon
+    if outline.rectangle is not None:
+        top, bottom, left, right = outline.rectangle
+        top, left = max(top, 0), max(left, 0)
+        bottom, right = min(bottom, rows), min(right, columns)
+        if bottom - top >= 8 and right - left >= 8:
+            rectangle = np.zeros((rows, columns), dtype=bool)
+            rectangle[top:bottom, left:right] = True
+            narrow(rectangle)
+    if outline.circle is not None:
+        row, column, radius = outline.circle
+        yy, xx = np.mgrid[0:rows, 0:columns]
+        narrow((yy - row) ** 2 + (xx - column) ** 2 <= radius**2)
+    if outline.polygon is not None:
+        canvas = Image.new("1", (columns, rows), 0)
+        ImageDraw.Draw(canvas).polygon([(c, r) for r, c in outline.polygon], fill=1)
+        narrow(np.asarray(canvas, dtype=bool))
     return mask
 
 
@@ -279,37 +227,3 @@ def _algebraic_circle(points: np.ndarray) -> tuple[float, float, float]:
     cx, cy = solution[0] / 2.0, solution[1] / 2.0
     radius = float(np.sqrt(max(solution[2] + cx**2 + cy**2, 0.0)))
     return float(cy), float(cx), radius
-
-
-def _first_group_item(ds: Dataset, keyword: str) -> Dataset | None:
-    for group in ("SharedFunctionalGroupsSequence",):
-        groups = ds.get(group)
-        if groups:
-            inner = groups[0].get(keyword)
-            if inner:
-                return inner[0]
-    return None
-
-
-def _circular(item: Dataset, centre: str, radius: str):
-    centre_value, radius_value = item.get(centre), item.get(radius)
-    try:
-        row, column = (float(v) for v in centre_value)
-        return (row, column), float(radius_value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _strings(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [part for part in value.split("\\") if part]
-    return [str(part) for part in value]
-
-
-def _floats(value) -> list[float]:
-    try:
-        return [float(v) for v in (value or [])]
-    except (TypeError, ValueError):
-        return []

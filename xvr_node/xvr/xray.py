@@ -9,13 +9,13 @@ import numpy as np
 import pydicom
 
 from xvr_node.geometry import CarmPose, Intrinsics
-from xvr_node.xray_geometry import read_xray_geometry
+from xvr_node.xray_geometry import XrayGeometry, read_xray_geometry
 from xvr_node.xvr.field import FieldOfView, field_of_view
 
 
 @dataclass
 class XrayFrame:
-    """One frame on the image-plane grid (mirrored storage already undone).
+    """One frame on the image-plane grid (mirroring and Field of View flips already undone).
 
     ``mask`` is the open field (collimators, shutters, and what the image shows; see
     :mod:`xvr_node.xvr.field`) on that grid: similarity counts only the pixels inside it.
@@ -58,27 +58,25 @@ def read_xray_frames(
 ) -> list[XrayFrame]:
     """Read an XA/RF/DX file into frames; ``reduce`` is frames|first|max|mean for cine runs.
 
-    ``sid_mm`` and ``pixel_spacing_mm`` fill what the header lacks (as a C-arm profile would).
+    ``sid_mm`` and ``pixel_spacing_mm`` fill what the header lacks (as a C-arm profile would);
+    failing those, the pixel spacing is estimated from the stated field size, as the node does.
     ``detect_field`` adds the open field the image shows to what its attributes say.
     """
     ds = pydicom.dcmread(str(path))
     geometry = read_xray_geometry(ds)
     if not geometry.usable() and (sid_mm or pixel_spacing_mm):
         geometry = geometry.with_profile(sid_mm, pixel_spacing_mm, "config")
+    geometry = geometry.with_field_size_estimate()
     intrinsics = geometry.intrinsics()  # raises, naming what is missing
     pixels = ds.pixel_array.astype(np.float32)
     if pixels.ndim == 2:
         pixels = pixels[None]
     elif pixels.ndim == 4:  # colour: use luminance
         pixels = pixels.mean(axis=-1)
-    # Shutters are the same for every frame of a run; the brightest-anatomy frame shows them
-    # as well as any, and one detection keeps a 100-frame run cheap.
+    # Shutters are the same for every frame of a run: one detection keeps a long run cheap.
     view = field_of_view(ds, pixels[0], detect=detect_field)
-    mask = view.mask
-    if geometry.mirrored:
-        pixels = pixels[:, :, ::-1]
-        mask = mask[:, ::-1]
-    mask = np.ascontiguousarray(mask)
+    pixels = to_image_plane(pixels, geometry)
+    mask = np.ascontiguousarray(to_image_plane(view.mask, geometry))
     field = FieldOfView(mask, view.sources).bounds()
     log_stored = str(ds.get("PixelIntensityRelationship", "")).upper() == "LOG"
     frames = []
@@ -123,6 +121,15 @@ def read_xray_frames(
             )
         )
     return frames
+
+
+def to_image_plane(pixels: np.ndarray, geometry: XrayGeometry) -> np.ndarray:
+    """Stored frames (frames, rows, columns) onto the image-plane grid (a view, no copy)."""
+    if geometry.mirrored:
+        pixels = pixels[..., :, ::-1]
+    if geometry.rows_reversed:
+        pixels = pixels[..., ::-1, :]
+    return pixels
 
 
 def line_integrals(frame: XrayFrame) -> np.ndarray:
