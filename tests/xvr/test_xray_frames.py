@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from tests.support.device_headers import innova_xa, save
 from xvr_node.geometry import CarmPose, patient_orientation, project
 from xvr_node.xray_geometry import read_xray_geometry
+from xvr_node.xvr.field import edge_margin
 from xvr_node.xvr.xray import read_xray_frames
 
 ROWS, COLUMNS = 40, 48  # non-square, so that rows and columns cannot be confused
@@ -58,6 +60,7 @@ def test_collimated_field_is_mapped_like_the_pixels(
     tmp_path: Path, rotation: int, flip: bool
 ) -> None:
     ds = small_innova(np.zeros((ROWS, COLUMNS)), rotation, flip)
+    del ds.ShutterShape  # the collimator alone says where the field is
     # An asymmetric opening in stored, 1-based coordinates: rows 3..30, columns 5..44.
     ds.CollimatorUpperHorizontalEdge, ds.CollimatorLowerHorizontalEdge = "3", "30"
     ds.CollimatorLeftVerticalEdge, ds.CollimatorRightVerticalEdge = "5", "44"
@@ -67,16 +70,19 @@ def test_collimated_field_is_mapped_like_the_pixels(
     expected = open_stored[:, ::-1] if flip else open_stored
     expected = np.rot90(expected, k=rotation // 90)
     (frame,) = read_xray_frames(save(ds, tmp_path / "xa.dcm"))
-    top, bottom, left, right = frame.field
-    field = np.zeros_like(expected)
-    field[top:bottom, left:right] = True
-    np.testing.assert_array_equal(field, expected)
+    # The mask keeps a margin inside every stated edge (penumbra).
+    margin = edge_margin(*expected.shape)
+    expected = ndimage.binary_erosion(expected, iterations=margin, border_value=1)
+    np.testing.assert_array_equal(frame.open_field(), expected)
 
 
 def test_collimator_edges_of_a_real_device_shape_are_one_based(tmp_path: Path) -> None:
     ds = innova_xa(frames=1, patient_id="P1")  # L6 R511 U2 D509 on a 512 x 512 image
-    (frame,) = read_xray_frames(save(ds, tmp_path / "innova.dcm"))
-    assert frame.field == (1, 509, 5, 511)
+    (frame,) = read_xray_frames(save(ds, tmp_path / "innova.dcm"), detect_field=False)
+    margin = edge_margin(512, 512)
+    # Collimator U2 D509 L6 R511 (1-based) is 0-based rows 1..508, columns 5..510; the display
+    # shutter U3 D510 L6 R512 narrows the top to row 2. Then the margin.
+    assert frame.field == (2 + margin, 509 - margin, 5 + margin, 511 - margin)
 
 
 def test_result_patient_orientation_describes_the_stored_grid_after_a_half_turn() -> None:

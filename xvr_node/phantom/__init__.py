@@ -64,7 +64,8 @@ class PhantomSpec:
     ``Realism.from_preset("full")`` forms them independently with a real C-arm's physics.
     ``ct_oblique_deg`` tilts the CT (about LPS x, then y), ``ct_prone`` stores it as a prone
     (HFP) scan, ``ct_descending`` numbers its instances from the other end; truth stays in the
-    LPS frame the node assembles from the series.
+    LPS frame the node assembles from the series. ``positioning_error`` bounds how far the
+    patient lies from where the positioner angles say (what a start must overcome).
     """
 
     seed: int = 0
@@ -82,6 +83,8 @@ class PhantomSpec:
     ct_oblique_deg: tuple[float, float] = (0.0, 0.0)
     ct_prone: bool = False
     ct_descending: bool = False
+    # Patient-positioning error per run: up to ± degrees about each axis, ± mm along each.
+    positioning_error: tuple[float, float] = (4.0, 25.0)
 
     @classmethod
     def from_cli(cls, size: str, **options) -> PhantomSpec:
@@ -374,8 +377,8 @@ def _sample_runs(spec: PhantomSpec, volume: CtVolume, rng: np.random.Generator) 
             primary = -primary  # RAO
         secondary = float(rng.uniform(-20.0, 20.0))
         error = PositioningError(
-            tuple(float(x) for x in rng.uniform(-4.0, 4.0, 3)),
-            tuple(float(x) for x in rng.uniform(-25.0, 25.0, 3)),
+            tuple(float(x) for x in rng.uniform(-1.0, 1.0, 3) * spec.positioning_error[0]),
+            tuple(float(x) for x in rng.uniform(-1.0, 1.0, 3) * spec.positioning_error[1]),
         )
         intrinsics = Intrinsics(round(sid, 1), spec.rows, spec.columns, spacing, spacing)
         n_frames = spec.multiframe if cine else 1

@@ -26,6 +26,11 @@ from xvr_node.xray_geometry import ShutterOutline, read_collimator, read_display
 #: source is taken for wrong (a vendor's zero edges) rather than for a pinhole field.
 MIN_OPEN_FRACTION = 0.05
 
+#: Gaussian smoothing (pixels) before a shutter's flat level is looked for, and how far that
+#: smoothing moves a shutter edge into the field.
+SMOOTHING_PX = 1.0
+REACH_PX = 3
+
 #: Margin dropped inside every field edge (penumbra, detector blur), as a fraction of the
 #: image's shorter side, and at least 2 pixels.
 EDGE_MARGIN = 0.01
@@ -55,6 +60,11 @@ class FieldOfView:
         return self.mask & ~ndimage.binary_erosion(self.mask, border_value=0)
 
 
+def edge_margin(rows: int, columns: int) -> int:
+    """Pixels dropped inside every field edge of an image of this size."""
+    return max(2, round(EDGE_MARGIN * min(rows, columns)))
+
+
 def field_of_view(ds: Dataset, pixels: np.ndarray, detect: bool = True) -> FieldOfView:
     """The open field of one stored frame (``pixels``: rows × columns) from every source."""
     rows, columns = pixels.shape[-2:]
@@ -72,8 +82,7 @@ def field_of_view(ds: Dataset, pixels: np.ndarray, detect: bool = True) -> Field
             continue  # contradicts the sources before it: keep theirs
         mask, sources = combined, [*sources, name]
     if sources:
-        margin = max(2, round(EDGE_MARGIN * min(rows, columns)))
-        mask = ndimage.binary_erosion(mask, iterations=margin, border_value=1)
+        mask = ndimage.binary_erosion(mask, iterations=edge_margin(rows, columns), border_value=1)
     return FieldOfView(mask, sources)
 
 
@@ -125,6 +134,10 @@ def detect_open_field(pixels: np.ndarray) -> np.ndarray | None:
     rows, columns = image.shape
     top, bottom = _run_of_lines(near.mean(axis=1))
     left, right = _run_of_lines(near.mean(axis=0))
+    # Smoothing spreads the field into the shutter by a few pixels: take them back.
+    top, left = top + (REACH_PX if top else 0), left + (REACH_PX if left else 0)
+    bottom -= REACH_PX if bottom < rows else 0
+    right -= REACH_PX if right < columns else 0
     if bottom - top < 8 or right - left < 8:
         return None
     mask = np.zeros(image.shape, dtype=bool)
@@ -133,6 +146,7 @@ def detect_open_field(pixels: np.ndarray) -> np.ndarray | None:
     disc = _fit_circle(inner)
     if disc is not None:
         centre_row, centre_column, radius = disc
+        radius -= REACH_PX
         yy, xx = np.mgrid[0:rows, 0:columns]
         mask &= (yy - top - centre_row) ** 2 + (xx - left - centre_column) ** 2 <= radius**2
     if mask.all():
@@ -142,7 +156,7 @@ def detect_open_field(pixels: np.ndarray) -> np.ndarray | None:
 
 def _near_shutter_level(image: np.ndarray) -> np.ndarray | None:
     """Pixels at the border's flat extreme value (dark or bright), or ``None`` if none."""
-    smooth = ndimage.gaussian_filter(image, 1.5)
+    smooth = ndimage.gaussian_filter(image, SMOOTHING_PX)
     low, high = np.percentile(smooth, [0.5, 99.5])
     spread = high - low
     if spread <= 0:

@@ -114,7 +114,8 @@ def _masked_moments(image: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Te
 
 def _masked_standardize(image: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     mean, var = _masked_moments(image, weight)
-    return (image - mean) / (var.sqrt() + 1e-8 * (1.0 + mean.abs())) * weight
+    # The tiny floor keeps the gradient finite when the mask leaves nothing (var = 0).
+    return (image - mean) / ((var + 1e-12).sqrt() + 1e-8 * (1.0 + mean.abs())) * weight
 
 
 def _masked_global_ncc(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,10 @@ from xvr_node.xvr.xray import XrayFrame, line_integrals
 
 LOG = logging.getLogger(__name__)
 
+#: HU above which a voxel of an end slice is body (not air): rays crossing there see anatomy
+#: the CT does not hold.
+BODY_HU = -500.0
+
 #: Margin inside the CT's projected footprint, as a fraction of the level's shorter side.
 FOOTPRINT_MARGIN = 0.03
 
@@ -118,6 +122,7 @@ class Registrar:
         self.labels = labels
         self._renderers: dict[tuple, tuple] = {}
         self._volumes: dict[tuple[int, int, int], CtVolume] = {}
+        self._end_slices: list[np.ndarray] | None = None
         self._fixed_cache: dict[tuple[int, float], tuple[XrayFrame, tuple]] = {}
 
     # --- initial poses -----------------------------------------------------------------
@@ -423,10 +428,12 @@ class Registrar:
     def _footprint(
         self, frame: XrayFrame, matrices: Sequence[np.ndarray], scale: float
     ) -> torch.Tensor:
-        """Where each pose's rays cross the CT's box, shrunk by a margin: (N, 1, rows, cols).
+        """Pixels whose rays see only anatomy the CT holds, shrunk by a margin: (N, 1, H, W).
 
-        Outside it the X-ray shows anatomy the CT never scanned (a CT shorter than the
-        X-ray's field), which no pose can explain; counting it biases the optimum.
+        Two kinds of ray are left out, because no pose can explain what they show: rays
+        that miss the CT's box, and rays that cross one of its end slices inside the body (a
+        CT shorter than the X-ray's field: with a cranial tilt such a ray sees anatomy beyond
+        the scanned slab over much of its path). Counting either biases the optimum.
         """
         rows, columns = self._size_at(frame.intrinsics, scale)
         full = frame.intrinsics
@@ -449,10 +456,47 @@ class Registrar:
             hull = points[ConvexHull(points).vertices]
             canvas = Image.new("1", (columns, rows), 0)
             ImageDraw.Draw(canvas).polygon([tuple(p) for p in hull], fill=1)
-            inside = np.asarray(canvas, dtype=bool)
+            inside = np.asarray(canvas, dtype=bool) & ~self._crosses_cut_body(
+                np.asarray(matrix, dtype=float), full, rows, columns
+            )
             masks.append(ndimage.binary_erosion(inside, iterations=margin, border_value=1))
         stacked = torch.as_tensor(np.stack(masks), dtype=torch.float32, device=self.device)
         return stacked[:, None]
+
+    def _crosses_cut_body(
+        self, matrix: np.ndarray, full: Intrinsics, rows: int, columns: int
+    ) -> np.ndarray:
+        """Pixels (rows × columns) whose ray crosses an end slice's plane inside the body."""
+        if self._end_slices is None:
+            hu = self.volume.hu
+            body = [hu[:, :, 0] > BODY_HU, hu[:, :, -1] > BODY_HU]
+            self._end_slices = [ndimage.binary_dilation(b, iterations=2) for b in body]
+        u = (np.arange(columns) + 0.5) * full.columns / columns - 0.5
+        v = (np.arange(rows) + 0.5) * full.rows / rows - 0.5
+        uu, vv = np.meshgrid(u, v)
+        plane = np.c_[
+            uu.ravel() * full.column_spacing_mm,
+            vv.ravel() * full.row_spacing_mm,
+            np.zeros(uu.size),
+            np.ones(uu.size),
+        ]
+        to_voxel = np.linalg.inv(self.volume.affine_lps) @ matrix
+        detector = (to_voxel @ plane.T).T[:, :3]
+        source = (to_voxel @ np.r_[full.source_in_image_plane, 1.0])[:3]
+        direction = detector - source
+        crossed = np.zeros(uu.size, dtype=bool)
+        last = self.volume.hu.shape[2] - 1
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for k, body in ((-0.5, self._end_slices[0]), (last + 0.5, self._end_slices[1])):
+                t = (k - source[2]) / direction[:, 2]
+                point = source[None, :2] + t[:, None] * direction[:, :2]
+                i, j = np.rint(point[:, 0]).astype(int), np.rint(point[:, 1]).astype(int)
+                valid = (t > 0) & (t < 1) & (i >= 0) & (j >= 0)
+                valid &= (i < body.shape[0]) & (j < body.shape[1])
+                hit = np.zeros(uu.size, dtype=bool)
+                hit[valid] = body[i[valid], j[valid]]
+                crossed |= hit
+        return crossed.reshape(rows, columns)
 
     def _similarity(
         self, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, crop
