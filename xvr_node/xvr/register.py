@@ -19,10 +19,15 @@ from scipy.spatial import ConvexHull
 from xvr_node.ct_volume import CtVolume
 from xvr_node.geometry import CarmPose, Intrinsics, pose_to_euler_zxy, project
 from xvr_node.xvr.losses import masked_similarity
-from xvr_node.xvr.renderer import make_drr
+from xvr_node.xvr.renderer import MU_WATER_PER_MM, make_drr
 from xvr_node.xvr.xray import XrayFrame, line_integrals
 
 LOG = logging.getLogger(__name__)
+
+#: Start of the intensity model (log gain 0: water's μ; scatter softplus(−5) ≈ 0.7 % of the
+#: unattenuated beam) and its Adam step, the same at every level.
+INTENSITY_START = (0.0, -5.0)
+INTENSITY_LR = 0.05
 
 #: HU above which a voxel of an end slice is body (not air): rays crossing there see anatomy
 #: the CT does not hold.
@@ -37,7 +42,7 @@ class RefineSettings:
     """The refinement schedule (XVR.md "Refine"); every value comes from configuration."""
 
     # Coarse-to-fine levels by the size they reach: the image's shorter side in pixels.
-    levels_px: Sequence[int] = (32, 64, 128)
+    levels_px: Sequence[int] = (32, 64)
     # Explicit detector downsampling factors instead (coarse to fine); None: from levels_px.
     scales: Sequence[float] | None = None
     similarity: str = "robust"  # see xvr_node.xvr.losses.SIMILARITIES
@@ -101,6 +106,7 @@ class Outcome:
     wall_time_s: float
     trajectory: list[dict] = field(default_factory=list)  # per iteration: scale, similarity
     poses: list[np.ndarray] = field(default_factory=list)  # matrices, for animations
+    intensity: list[float] | None = None  # fitted X-ray intensity model: log gain, scatter logit
 
 
 class Registrar:
@@ -156,14 +162,26 @@ class Registrar:
 
     # --- refinement --------------------------------------------------------------------
 
-    def score(self, frame: XrayFrame, matrix: np.ndarray, scale: float | None = None) -> float:
-        """Similarity of a pose at one scale (coarsest by default): multi-start's judge."""
+    def score(
+        self,
+        frame: XrayFrame,
+        matrix: np.ndarray,
+        scale: float | None = None,
+        intensity: Sequence[float] | None = None,
+    ) -> float:
+        """Similarity of a pose at one scale (coarsest by default).
+
+        ``intensity`` is the X-ray's fitted intensity model (see :meth:`_apparent`); without
+        it the DRR is compared as rendered.
+        """
         scale = scale or self.settings.scales_for(frame.intrinsics)[0]
         fixed, mask, crop = self._fixed_image(frame, scale)
         render = self._renderer(frame.intrinsics, scale)
         mask = mask * self._footprint(frame, [matrix], scale)
         with torch.no_grad():
             moving = render(self._pose_tensor(matrix, frame.intrinsics))
+            if intensity is not None:
+                moving = self._apparent(moving, torch.tensor(intensity, device=self.device))
             return float(self._similarity(fixed, moving, mask, crop).mean())
 
     def score_batch(
@@ -239,6 +257,9 @@ class Registrar:
         shift = torch.tensor(translation, dtype=torch.float32, device=self.device)
         rotation = torch.nn.Parameter(rotation[None])
         shift = torch.nn.Parameter(shift[None])
+        # log gain and scatter logit of the X-ray's intensity model (robust similarity only).
+        intensity = torch.nn.Parameter(torch.tensor(INTENSITY_START, device=self.device))
+        fit_intensity = s.similarity == "robust"
         trajectory: list[dict] = []
         poses: list[np.ndarray] = []
         iterations = 0
@@ -257,13 +278,13 @@ class Registrar:
             )
             render = self._renderer(frame.intrinsics, scale)
             scale_started = time.perf_counter()
-            optimizer = torch.optim.Adam(
-                [
-                    {"params": [rotation], "lr": s.lr_rotation * step},
-                    {"params": [shift], "lr": s.lr_translation * step},
-                ],
-                maximize=True,
-            )
+            groups = [
+                {"params": [rotation], "lr": s.lr_rotation * step},
+                {"params": [shift], "lr": s.lr_translation * step},
+            ]
+            if fit_intensity:
+                groups.append({"params": [intensity], "lr": INTENSITY_LR})
+            optimizer = torch.optim.Adam(groups, maximize=True)
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer,
                 mode="max",
@@ -276,6 +297,8 @@ class Registrar:
                 optimizer.zero_grad()
                 pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
                 moving = render(pose)
+                if fit_intensity:
+                    moving = self._apparent(moving, intensity)
                 similarity = self._similarity(fixed, moving, mask, crop).mean()
                 similarity.backward()
                 optimizer.step()
@@ -312,7 +335,8 @@ class Registrar:
         with torch.no_grad():
             pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
             final = self._matrix(pose, frame.intrinsics)
-            final_similarity = self.score(frame, final, scales[-1])
+            fitted = intensity.detach().cpu().tolist() if fit_intensity else None
+            final_similarity = self.score(frame, final, scales[-1], fitted)
         return Outcome(
             initial_matrix=np.asarray(initial_matrix, dtype=float),
             final_matrix=final,
@@ -321,6 +345,7 @@ class Registrar:
             wall_time_s=time.perf_counter() - started,
             trajectory=trajectory,
             poses=poses,
+            intensity=fitted,
         )
 
     # --- internals ---------------------------------------------------------------------
@@ -497,6 +522,20 @@ class Registrar:
                 hit[valid] = body[i[valid], j[valid]]
                 crossed |= hit
         return crossed.reshape(rows, columns)
+
+    @staticmethod
+    def _apparent(drr: torch.Tensor, intensity: torch.Tensor) -> torch.Tensor:
+        """What the X-ray would store, as line integrals, if the DRR were its primary beam.
+
+        ``−log(exp(−g·μ·DRR) + c)``: a gain ``g`` (an effective spectrum's attenuation) and a
+        scatter floor ``c`` added to the primary before the log. Fitted with the pose, it
+        explains the monotonic, nonlinear relation scatter and beam hardening put between a
+        DRR and a real X-ray (dense regions lose contrast), which otherwise biases the optimum
+        (mostly in depth, through magnification).
+        """
+        gain = MU_WATER_PER_MM * torch.exp(intensity[0])
+        scatter = F.softplus(intensity[1])
+        return -torch.log(torch.exp(-gain * drr) + scatter)
 
     def _similarity(
         self, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, crop
