@@ -76,8 +76,6 @@ def demo_environment(output: Path, pacs_port: int, iterations: int | None) -> di
         "XVR_NODE__SCHEDULER__POLL_INTERVAL_S": "0.5",
         # The night falls at once: finetune as soon as the CT is assembled.
         "XVR_NODE__TRAINING__FINETUNE_IMMEDIATELY": "true",
-        # 192-pixel frames: refine at 48 and 96 pixels (the defaults suit ~1000 pixels).
-        "XVR_NODE__REGISTRATION__SCALES": "[4, 2]",
         "XVR_NODE__DESTINATIONS": json.dumps(
             [{"name": "demo-pacs", "ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs_port}]
         ),
@@ -170,7 +168,8 @@ def run_demo(
                 f"{settings.node.port}, worker on {device}"
             )
             rows = _pipeline(node, settings, phantom, echo, started + timeout_s)
-            _write_overlays(node, output / "overlays", echo)
+            truth = json.loads((phantom / "truth.json").read_text())
+            _write_overlays(node, truth, output / "overlays", echo)
             echo("")
             echo(format_table(rows))
             echo("")
@@ -301,14 +300,17 @@ def _truth_rows(session: Session, truth: dict) -> list[dict]:
         record = records[(instance.sop_instance_uid, frame)]
         true = np.array(record["matrix"])
         points = np.array(record["fiducials_lps"])
-        name = Path(record["file"]).name + (f"#{frame}" if record["number_of_frames"] > 1 else "")
+        name = xray_name(record)
         start = str(registration.initializer)
         chosen = (registration.metrics or {}).get("start_scores", {}).get("chosen")
         if chosen:
             start = f"{start}: {chosen}"
+        verdict = {True: "reliable", False: "NOT RELIABLE", None: "not assessed"}[
+            registration.reliable
+        ]
         rows.append(
             {
-                "name": f"{name} ({start})",
+                "name": f"{name} ({start}; {verdict})",
                 "initial_mtre_mm": mean_target_registration_error(
                     np.array(registration.initial_matrix), true, points
                 ),
@@ -322,18 +324,36 @@ def _truth_rows(session: Session, truth: dict) -> list[dict]:
     return rows
 
 
-def _write_overlays(node: Node, folder: Path, echo: Echo) -> None:
-    """The Secondary Captures the PACS received, as PNG files for a quick look."""
+def xray_name(record: dict) -> str:
+    """How the results table and the overlay files name a frame: file, and frame in a run."""
+    name = Path(record["file"]).name
+    return name + (f"#{record['frame_number']}" if record["number_of_frames"] > 1 else "")
+
+
+#: Overlay PNGs are enlarged to at least this many pixels on their shorter side.
+OVERLAY_MIN_SIDE = 576
+
+
+def _write_overlays(node: Node, truth: dict, folder: Path, echo: Echo) -> None:
+    """The Secondary Captures the PACS received, as PNGs named like the table's X-rays."""
     folder.mkdir(parents=True, exist_ok=True)
+    records = {(r["sop_instance_uid"], r["frame_number"]): r for r in truth["xrays"]}
     with node.receiver.sessions() as session:
         paths = session.scalars(
             select(Export.path).where(Export.object_kind == "sc").distinct()
         ).all()
     for relative in paths:
         ds = pydicom.dcmread(node.store.absolute(relative))
-        name = f"{ds.SOPInstanceUID[-12:]}-{int(ds.InstanceNumber):03d}.png"
-        Image.fromarray(ds.pixel_array).save(folder / name)
-    echo(f"      {len(paths)} overlay picture(s) -> {folder}")
+        source = ds.SourceImageSequence[0]
+        frame = int((source.get("ReferencedFrameNumber") or [1])[0] or 1)
+        record = records.get((str(source.ReferencedSOPInstanceUID), frame))
+        stem = ds.SOPInstanceUID[-12:] if record is None else xray_name(record)
+        image = Image.fromarray(ds.pixel_array)
+        factor = max(1, -(-OVERLAY_MIN_SIDE // min(image.size)))
+        if factor > 1:  # a readable size; nearest keeps the contours one crisp line
+            image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+        image.save(folder / f"{stem.replace('.dcm', '').replace('#', '-frame')}.png")
+    echo(f"      {len(paths)} overlay picture(s), named like the X-rays above -> {folder}")
 
 
 def _where_to_look(node, settings, pacs, phantom: Path, output: Path, echo: Echo) -> None:

@@ -117,7 +117,14 @@ def test_ct_then_xrays_by_storescu_end_in_registered_results_in_the_pacs(tmp_pat
                     )
                     assert error < BOUND_MM, (record["file"], row.frame_index, error)
                     assert row.volume_id == volume.id and row.similarity is not None
-                    assert set(row.metrics["timings"]) == {"read_s", "initialise_s", "refine_s"}
+                    assert set(row.metrics["timings"]) == {
+                        "read_s",
+                        "initialise_s",
+                        "refine_s",
+                        "gate_s",
+                    }
+                    # Clean frames from good starts: the gate vouches for every one.
+                    assert row.reliable is True, row.metrics["quality"]
                     assert row.metrics["refine"]["scales"] == [2.0, 1.0]  # reproducible
                     assert row.job_id is not None
                 # The first frame of each X-ray starts from the better of the model and the
@@ -126,9 +133,14 @@ def test_ct_then_xrays_by_storescu_end_in_registered_results_in_the_pacs(tmp_pat
                 assert {str(r.initializer) for r in firsts} == {"multistart"}
                 for row in firsts:
                     scores = row.metrics["start_scores"]
-                    assert set(scores["scores"]) == {"model", "dicom"}
-                    assert scores["chosen"] == max(scores["scores"], key=scores["scores"].get)
-                    assert row.model_id == (model.id if scores["chosen"] == "model" else None)
+                    tried = {c["name"].split("~")[0] for c in scores["candidates"]}
+                    assert tried == {"model", "dicom"}
+                    best = max(scores["candidates"], key=lambda c: c["refined"])
+                    assert scores["chosen"] == best["name"].split("~")[0] + (
+                        "+search" if "~" in best["name"] else ""
+                    )
+                    used_model = scores["chosen"].startswith("model")
+                    assert row.model_id == (model.id if used_model else None)
                 assert {str(r.initializer) for r in rows if r.frame_index} == {"tracking"}
             # What an operator's monitoring sees of it.
             base = f"http://127.0.0.1:{node.env['XVR_NODE__MONITORING__PORT']}"
@@ -142,9 +154,73 @@ def test_ct_then_xrays_by_storescu_end_in_registered_results_in_the_pacs(tmp_pat
             assert f'xvr_node_exports{{status="sent"}} {3 * frames}' in metrics
             assert 'xvr_node_jobs{kind="finetune",status="succeeded"} 1' in metrics
             assert 'xvr_node_job_queue_wait_seconds{kind="register"}' in metrics
+            assert f'xvr_node_registrations_by_quality{{verdict="reliable"}} {frames}' in metrics
             engine.dispose()
         in_pacs = orthanc.instances()
         assert len(in_pacs) == 3 * frames
         # Every result is filed in the X-ray's study, next to the images it describes.
         studies = {item["study_instance_uid"] for item in in_pacs.values()}
         assert studies == {truth["xray_study_instance_uid"]}
+
+
+def test_an_unreliable_result_is_recorded_and_reaches_the_pacs_without_its_sro(
+    tmp_path, small_phantom
+):
+    """A gate no result can pass: every frame is recorded as unreliable, its SR and overlay
+    say so, and no Spatial Registration object leaves the node."""
+    truth = json.loads((small_phantom / "truth.json").read_text())
+    frames = len(truth["xrays"])
+    with running_orthanc(tmp_path / "orthanc") as orthanc:
+        destination = {
+            "name": "pacs",
+            "ae_title": orthanc.aet,
+            "host": "127.0.0.1",
+            "port": orthanc.dicom_port,
+        }
+        overrides = {
+            "scheduler__stable_series_seconds": "1",
+            **TINY_TRAINING,
+            "training__iterations": "2",
+            "registration__scales": "[2, 1]",
+            "registration__initializers": "[dicom, fixed]",
+            "registration__multistart_search": "{samples: 4, keep: 1, iterations: 5}",
+            "registration__quality__min_similarity": "1.0",
+            "destinations": json.dumps([destination]),
+        }
+        with running_node(tmp_path / "node", **overrides) as node:
+            engine = make_engine(node.database_url)
+            sessions = session_factory(engine)
+            files = sorted((small_phantom / "ct").glob("*.dcm"))
+            files += sorted((small_phantom / "xray").glob("*.dcm"))
+            sent = storescu(node.port, files)
+            assert len(acknowledged_files(sent.stdout + sent.stderr)) == len(files)
+
+            def delivered():
+                with sessions() as session:
+                    registered = session.scalar(select(func.count(Registration.id)))
+                    sent_rows = session.scalar(
+                        select(func.count(Export.id)).where(Export.status == "sent")
+                    )
+                    return registered == frames and sent_rows == 2 * frames
+
+            wait_for(delivered, "unreliable results delivered", node)
+            with sessions() as session:
+                rows = session.scalars(select(Registration)).all()
+                assert {row.reliable for row in rows} == {False}
+                for row in rows:
+                    assert any("similarity" in r for r in row.metrics["quality"]["reasons"])
+                kinds = session.scalars(select(Export.object_kind).distinct()).all()
+                assert sorted(kinds) == ["sc", "sr"]
+            base = f"http://127.0.0.1:{node.env['XVR_NODE__MONITORING__PORT']}"
+            with OPENER.open(f"{base}/metrics", timeout=10) as response:
+                metrics = response.read().decode()
+            assert f'xvr_node_registrations_by_quality{{verdict="unreliable"}} {frames}' in metrics
+            status = node.cli("status")
+            assert f"0 reliable, {frames} NOT reliable" in status.stdout
+            engine.dispose()
+        in_pacs = orthanc.instances()
+        assert len(in_pacs) == 2 * frames
+        modalities = [
+            series["MainDicomTags"]["Modality"] for series in orthanc.rest("/series?expand")
+        ]
+        assert "SR" in modalities and "REG" not in modalities  # no Spatial Registration
