@@ -165,6 +165,35 @@ def _passes(figures: dict, gate) -> bool:
     return margin is None or margin >= gate.min_margin
 
 
+def calibrate(rows: list[dict]) -> tuple[object, dict]:
+    """Gate thresholds that mark every result over 5 mm unreliable with the fewest false alarms.
+
+    A grid over the observed figures; among the settings that catch every failure, the one
+    that marks the fewest results under 2 mm unreliable (then the strictest such one).
+    """
+    from xvr_node.xvr.quality import GateSettings
+
+    errors = np.array([r["final_mtre_mm"] for r in rows])
+    similarities = sorted({round(r["figures"]["similarity"], 3) for r in rows})
+    margins = sorted({round(r["figures"]["margin"], 4) for r in rows if r["figures"]["margin"]})
+    overlaps = sorted({round(r["figures"]["overlap"], 2) for r in rows})
+    best = None
+    for similarity in [-1.0, *similarities]:
+        for margin in [0.0, *margins]:
+            for overlap in [0.0, *overlaps]:
+                gate = GateSettings(
+                    min_similarity=similarity, min_margin=margin, min_overlap=overlap
+                )
+                reliable = np.array([_passes(r["figures"], gate) for r in rows])
+                missed = int(((errors > 5.0) & reliable).sum())
+                false_alarms = int(((errors < 2.0) & ~reliable).sum())
+                key = (missed, false_alarms, -similarity, -margin, -overlap)
+                if best is None or key < best[0]:
+                    best = (key, gate)
+    assert best is not None
+    return best[1], summarize(rows, best[1])
+
+
 def print_report(rows: list[dict], summary: dict) -> None:
     for r in rows:
         flag = "ok " if r["reliable"] else "BAD"
@@ -187,10 +216,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--summarize", type=Path, help="report a saved robustness.json again")
+    parser.add_argument(
+        "--calibrate", action="store_true", help="with --summarize: fit the gate's thresholds"
+    )
     args = parser.parse_args()
     if args.summarize:
         saved = json.loads(args.summarize.read_text())
         print_report(saved["rows"], summarize(saved["rows"]))
+        if args.calibrate:
+            gate, summary = calibrate(saved["rows"])
+            print(f"calibrated: {gate}")
+            print(json.dumps(summary, indent=1))
         return
 
     work = Path(tempfile.mkdtemp(prefix="bench-robustness-"))

@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom import dcmread
+from pydicom.multival import MultiValue
 from pynetdicom import AE
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -345,7 +346,10 @@ def _write_overlays(node: Node, truth: dict, folder: Path, echo: Echo) -> None:
     for relative in paths:
         ds = pydicom.dcmread(node.store.absolute(relative))
         source = ds.SourceImageSequence[0]
-        frame = int((source.get("ReferencedFrameNumber") or [1])[0] or 1)
+        referenced = source.get("ReferencedFrameNumber") or 1
+        frame = int(
+            referenced[0] if isinstance(referenced, list | tuple | MultiValue) else referenced
+        )
         record = records.get((str(source.ReferencedSOPInstanceUID), frame))
         stem = ds.SOPInstanceUID[-12:] if record is None else xray_name(record)
         image = Image.fromarray(ds.pixel_array)

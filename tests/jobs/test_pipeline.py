@@ -40,6 +40,13 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 BOUND_MM = 2.5
 
 
+def pacs_destination(orthanc) -> str:
+    """The node's ``destinations`` setting for one Orthanc."""
+    return json.dumps(
+        [{"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}]
+    )
+
+
 def wait_for(probe, what: str, node, timeout_s: float = 300.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -54,12 +61,6 @@ def wait_for(probe, what: str, node, timeout_s: float = 300.0):
 def test_ct_then_xrays_by_storescu_end_in_registered_results_in_the_pacs(tmp_path, small_phantom):
     truth = json.loads((small_phantom / "truth.json").read_text())
     with running_orthanc(tmp_path / "orthanc") as orthanc:
-        destination = {
-            "name": "pacs",
-            "ae_title": orthanc.aet,
-            "host": "127.0.0.1",
-            "port": orthanc.dicom_port,
-        }
         overrides = {
             "scheduler__stable_series_seconds": "1",
             "scheduler__overnight_window": '{start: "00:00", end: "00:00"}',  # always open
@@ -67,7 +68,7 @@ def test_ct_then_xrays_by_storescu_end_in_registered_results_in_the_pacs(tmp_pat
             "training__iterations": "4",
             "registration__scales": "[2, 1]",
             "registration__initializers": "[model, dicom]",
-            "destinations": json.dumps([destination]),
+            "destinations": pacs_destination(orthanc),
         }
         with running_node(tmp_path / "node", **overrides) as node:
             engine = make_engine(node.database_url)
@@ -171,12 +172,6 @@ def test_an_unreliable_result_is_recorded_and_reaches_the_pacs_without_its_sro(
     truth = json.loads((small_phantom / "truth.json").read_text())
     frames = len(truth["xrays"])
     with running_orthanc(tmp_path / "orthanc") as orthanc:
-        destination = {
-            "name": "pacs",
-            "ae_title": orthanc.aet,
-            "host": "127.0.0.1",
-            "port": orthanc.dicom_port,
-        }
         overrides = {
             "scheduler__stable_series_seconds": "1",
             **TINY_TRAINING,
@@ -185,7 +180,7 @@ def test_an_unreliable_result_is_recorded_and_reaches_the_pacs_without_its_sro(
             "registration__initializers": "[dicom, fixed]",
             "registration__multistart_search": "{samples: 4, keep: 1, iterations: 5}",
             "registration__quality__min_similarity": "1.0",
-            "destinations": json.dumps([destination]),
+            "destinations": pacs_destination(orthanc),
         }
         with running_node(tmp_path / "node", **overrides) as node:
             engine = make_engine(node.database_url)

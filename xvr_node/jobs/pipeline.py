@@ -413,11 +413,14 @@ class Pipeline:
         pixels = xray.pixel_array
         if int(xray.get("NumberOfFrames", 1) or 1) > 1:
             pixels = pixels[number - 1]
-        field = field_of_view(xray, pixels).outline()
+        view = field_of_view(xray, pixels)
+        field = view.outline()
         if result.mirrored:  # the image plane's columns run the other way in the stored pixels
             contours = {name: mask[:, ::-1] for name, mask in contours.items()}
         if result.rows_reversed:  # Field of View Rotation 180: rows too
             contours = {name: mask[::-1, :] for name, mask in contours.items()}
+        # Contours only where the X-ray shows anything: lines over a shutter only confuse.
+        contours = {name: mask & view.mask for name, mask in contours.items()}
         rgb = compose_overlay(
             pixels, contours, overlay_legend(result), field_outline=field, reliable=row.reliable
         )

@@ -42,14 +42,18 @@ def windowed_ncc(x1: torch.Tensor, x2: torch.Tensor, patch_size: int) -> torch.T
     box filters instead of unfolded patches: O(H·W) memory and time whatever the patch size,
     which is what makes full-resolution refinement and large training batches affordable.
     """
+    return local_ncc(x1, x2, patch_size).mean(dim=(1, 2, 3))
+
+
+def local_ncc(x1: torch.Tensor, x2: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """NCC of every ``patch_size``² window (stride 1): (B, C, H−size+1, W−size+1)."""
     size = min(patch_size, x1.shape[-1], x1.shape[-2])
     mean1 = F.avg_pool2d(x1, size, stride=1)
     mean2 = F.avg_pool2d(x2, size, stride=1)
     var1 = (F.avg_pool2d(x1 * x1, size, stride=1) - mean1 * mean1).clamp(min=0.0)
     var2 = (F.avg_pool2d(x2 * x2, size, stride=1) - mean2 * mean2).clamp(min=0.0)
     cov = F.avg_pool2d(x1 * x2, size, stride=1) - mean1 * mean2
-    ncc = cov / torch.sqrt((var1 + EPS) * (var2 + EPS))
-    return ncc.mean(dim=(1, 2, 3))
+    return cov / torch.sqrt((var1 + EPS) * (var2 + EPS))
 
 
 def multiscale_ncc(fixed: torch.Tensor, moving: torch.Tensor, patch_size: int = 9) -> torch.Tensor:
@@ -135,12 +139,7 @@ def _masked_windowed_ncc(
 ) -> torch.Tensor:
     """Mean NCC over the windows wholly inside ``mask`` (channels averaged): (B,)."""
     size = min(patch_size, x1.shape[-1], x1.shape[-2])
-    mean1 = F.avg_pool2d(x1, size, stride=1)
-    mean2 = F.avg_pool2d(x2, size, stride=1)
-    var1 = (F.avg_pool2d(x1 * x1, size, stride=1) - mean1 * mean1).clamp(min=0.0)
-    var2 = (F.avg_pool2d(x2 * x2, size, stride=1) - mean2 * mean2).clamp(min=0.0)
-    cov = F.avg_pool2d(x1 * x2, size, stride=1) - mean1 * mean2
-    ncc = cov / torch.sqrt((var1 + EPS) * (var2 + EPS))
+    ncc = local_ncc(x1, x2, size)
     valid = inside(mask, size).to(ncc.dtype).expand_as(ncc)
     return (ncc * valid).sum(dim=(1, 2, 3)) / valid.sum(dim=(1, 2, 3)).clamp(min=1.0)
 

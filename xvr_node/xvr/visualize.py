@@ -108,7 +108,9 @@ def _outline(image: np.ndarray, fraction: float) -> np.ndarray:
     top = float(np.percentile(image, 99.0))
     if top <= 0:
         return np.zeros(image.shape, dtype=bool)
-    region = ndimage.binary_opening(image > fraction * top, iterations=1)
+    # Smooth first: a reader wants the shape of a structure, not every voxel step of it.
+    smooth = ndimage.gaussian_filter(np.asarray(image, dtype=float), max(image.shape) / 200.0)
+    region = ndimage.binary_opening(smooth > fraction * top, iterations=2)
     return region & ~ndimage.binary_erosion(region, border_value=0)
 
 
