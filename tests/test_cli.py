@@ -6,6 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 from pydicom import dcmread
 from pynetdicom import AE
 
@@ -66,12 +67,16 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path, monkeypatch):
     assert (out / "store/models/patient-1/v1/checkpoints/iter_000003.pt").is_file()
     # The per-frame table: multi-start picks a start for each X-ray, the cine is tracked.
     assert "IMG_000.dcm (multistart: " in result.output
-    assert "CINE_001.dcm#2 (tracking)" in result.output
+    assert "CINE_001.dcm#2 (tracking; " in result.output
     summary = result.output.split("| n |")[1].splitlines()[2]
     assert summary.startswith("| 3 |")
     # SRO, SR and SC per frame reached the local PACS, and the overlays are on disk.
     assert "outbox: 9 sent" in result.output
-    assert len(list((out / "overlays").glob("*.png"))) == 3
+    # Named as the table names the X-rays, at a size a person can read.
+    pictures = sorted(p.name for p in (out / "overlays").glob("*.png"))
+    assert pictures == ["CINE_001-frame1.png", "CINE_001-frame2.png", "IMG_000.png"]
+    with Image.open(out / "overlays" / "IMG_000.png") as picture:
+        assert min(picture.size) >= 512
 
 
 def test_without_orthanc_the_demo_pacs_is_a_receiving_scp(tmp_path, monkeypatch, phantom_dir):
