@@ -87,9 +87,7 @@ def register_frame(folder: str, index: int) -> dict:
     if folder not in _REGISTRARS:
         files = sorted((root / "ct").glob("*.dcm"))
         volume = assemble_volume(read_series_files(files)).volume
-        _REGISTRARS[folder] = Registrar(
-            volume, RefineSettings.from_settings(settings.registration)
-        )
+        _REGISTRARS[folder] = Registrar(volume, RefineSettings.from_settings(settings.registration))
     registrar = _REGISTRARS[folder]
     policy = StartPolicy.from_settings(settings.registration)
     gate = GateSettings(**settings.registration.quality.model_dump())

@@ -123,11 +123,17 @@ def local_pacs(folder: Path, port: int, echo: Echo) -> Iterator[OrthancServer | 
 def _result_sop_classes() -> list[str]:
     from pydicom.uid import (
         ComprehensiveSRStorage,
+        MultiFrameTrueColorSecondaryCaptureImageStorage,
         SecondaryCaptureImageStorage,
         SpatialRegistrationStorage,
     )
 
-    return [SpatialRegistrationStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage]
+    return [
+        SpatialRegistrationStorage,
+        ComprehensiveSRStorage,
+        SecondaryCaptureImageStorage,
+        MultiFrameTrueColorSecondaryCaptureImageStorage,  # a cine run's overlays
+    ]
 
 
 def run_demo(
@@ -343,21 +349,24 @@ def _write_overlays(node: Node, truth: dict, folder: Path, echo: Echo) -> None:
         paths = session.scalars(
             select(Export.path).where(Export.object_kind == "sc").distinct()
         ).all()
+    written = 0
     for relative in paths:
         ds = pydicom.dcmread(node.store.absolute(relative))
         source = ds.SourceImageSequence[0]
-        referenced = source.get("ReferencedFrameNumber") or 1
-        frame = int(
-            referenced[0] if isinstance(referenced, list | tuple | MultiValue) else referenced
-        )
-        record = records.get((str(source.ReferencedSOPInstanceUID), frame))
-        stem = ds.SOPInstanceUID[-12:] if record is None else xray_name(record)
-        image = Image.fromarray(ds.pixel_array)
-        factor = max(1, -(-OVERLAY_MIN_SIDE // min(image.size)))
-        if factor > 1:  # a readable size; nearest keeps the contours one crisp line
-            image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
-        image.save(folder / f"{stem.replace('.dcm', '').replace('#', '-frame')}.png")
-    echo(f"      {len(paths)} overlay picture(s), named like the X-rays above -> {folder}")
+        frames = source.get("ReferencedFrameNumber") or [1]
+        frames = [int(f) for f in (frames if isinstance(frames, list | MultiValue) else [frames])]
+        # A cine run's overlay holds one picture per frame (Multi-frame True Color SC).
+        pictures = ds.pixel_array if int(ds.get("NumberOfFrames", 1) or 1) > 1 else [ds.pixel_array]
+        for frame, picture in zip(frames, pictures, strict=False):
+            record = records.get((str(source.ReferencedSOPInstanceUID), frame))
+            stem = f"{ds.SOPInstanceUID[-12:]}-{frame}" if record is None else xray_name(record)
+            image = Image.fromarray(picture)
+            factor = max(1, -(-OVERLAY_MIN_SIDE // min(image.size)))
+            if factor > 1:  # a readable size; nearest keeps the contours one crisp line
+                image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+            image.save(folder / f"{stem.replace('.dcm', '').replace('#', '-frame')}.png")
+            written += 1
+    echo(f"      {written} overlay picture(s), named like the X-rays above -> {folder}")
 
 
 def _where_to_look(node, settings, pacs, phantom: Path, output: Path, echo: Echo) -> None:

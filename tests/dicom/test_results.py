@@ -21,12 +21,20 @@ from xvr_node.dicom.results import (
     PRIVATE_CREATOR,
     RegistrationResult,
 )
-from xvr_node.dicom.sc import build_overlay, compose_overlay, overlay_legend
-from xvr_node.dicom.sr import build_measurement_report
+from xvr_node.dicom.sc import (
+    MULTIFRAME_TRUE_COLOR_SC,
+    build_overlay,
+    build_run_overlay,
+    compose_overlay,
+    overlay_legend,
+)
+from xvr_node.dicom.sr import build_measurement_report, build_run_report
 from xvr_node.dicom.sro import (
+    build_run_registration,
     build_spatial_registration,
     read_registration,
     read_registration_result,
+    read_registrations,
     validate_registration,
 )
 from xvr_node.geometry import (
@@ -589,3 +597,134 @@ def test_builders_name_the_attribute_they_refuse(built, ct):
     with pytest.raises(ValueError, match="Spatial Registration"):
         build_measurement_report(xray, xray, result)
     assert sro.SOPClassUID == SRO_CLASS
+
+
+# --- a cine run: one object of each kind for all its frames --------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(phantom_dir, truth, ct) -> dict:
+    """The run objects of the phantom's cine X-ray at its true poses, frames given backwards."""
+    records = [r for r in truth["xrays"] if r["number_of_frames"] > 1]
+    xray = pydicom.dcmread(phantom_dir / records[0]["file"])
+    results = [result_from_truth(record, xray) for record in reversed(records)]
+    sro = build_run_registration(xray, ct, results)
+    edges = np.zeros((xray.Rows, xray.Columns), dtype=bool)
+    pictures = np.stack(
+        [
+            compose_overlay(xray_frame(xray, record), edges, overlay_legend(result))
+            for record, result in zip(records, reversed(results), strict=True)
+        ]
+    )
+    return {
+        "records": records,
+        "xray": xray,
+        "results": results,
+        "sro": sro,
+        "sr": build_run_report(xray, sro, results),
+        "pictures": pictures,
+        "sc": build_run_overlay(xray, pictures, list(reversed(results))),
+    }
+
+
+@pytest.mark.parametrize("name", ["sro", "sr", "sc"])
+def test_run_objects_pass_dciodvfy(run, name, tmp_path):
+    assert dciodvfy_errors(write(run[name], tmp_path / f"{name}.dcm")) == []
+
+
+def test_run_sro_keeps_the_single_pose_layout_per_frame(run, ct, tmp_path):
+    sro = pydicom.dcmread(write(run["sro"], tmp_path / "sro.dcm"))
+    assert validate_registration(sro, xray=run["xray"], ct_slices=ct) == []
+    ct_item, *frame_items = sro.RegistrationSequence
+    assert ct_item.FrameOfReferenceUID == sro.FrameOfReferenceUID
+    assert [int(i.ReferencedImageSequence[0].ReferencedFrameNumber) for i in frame_items] == [
+        r["frame_number"] for r in run["records"]
+    ]  # frame order, whatever order the results came in
+    for item in frame_items:
+        assert "FrameOfReferenceUID" not in item
+        registration = item.MatrixRegistrationSequence[0]
+        assert registration.RegistrationTypeCodeSequence[0].CodeValue == "125024"
+    # Each frame's pose puts the bead on that frame's pixel.
+    for pose, record in zip(read_registrations(sro), run["records"], strict=True):
+        assert pose.frame_numbers == [record["frame_number"]]
+        assert pose.mirrored == record["mirrored"]
+        u, v = project(pose.matrix, pose.intrinsics, np.array(record["bead_lps"]))[0]
+        stored_u = stored_column(u, pose.intrinsics.columns, pose.mirrored)
+        assert np.hypot(stored_u - record["bead_px"][0], v - record["bead_px"][1]) < 1.0
+    with pytest.raises(ValueError, match="name the frame"):
+        read_registration(sro)
+    assert read_registration(sro, 2)[2] == [2]
+    with pytest.raises(ValueError, match="frame 9"):
+        read_registration(sro, 9)
+
+
+def test_run_sro_needs_each_frame_items_private_block(run):
+    sro = copy.deepcopy(run["sro"])
+    item = sro.RegistrationSequence[2]
+    for tag in [element.tag for element in item if element.tag.group == 0x0071]:
+        del item[tag]
+    problems = validate_registration(sro)
+    assert any("Registration Sequence item" in problem for problem in problems), problems
+
+
+def test_run_report_has_one_group_per_frame(run):
+    root = run["sr"].ContentSequence
+    container = next(i for i in root if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    groups = container.ContentSequence
+    assert len(groups) == len(run["records"])
+    for group, record in zip(groups, run["records"], strict=True):
+        items = list(_content_items(group.ContentSequence))
+        tracking = [i.TextValue for i in items if i.ValueType == "TEXT" and "pose" in i.TextValue]
+        assert tracking == [f"X-ray pose, frame {record['frame_number']}"]
+        frames = {
+            int(i.ReferencedSOPSequence[0].ReferencedFrameNumber)
+            for i in items
+            if i.ValueType == "IMAGE"
+        }
+        assert frames == {record["frame_number"]}
+
+
+def test_run_overlay_is_one_multiframe_rgb_object(run, tmp_path):
+    xray, records = run["xray"], run["records"]
+    back = pydicom.dcmread(write(run["sc"], tmp_path / "sc.dcm"))
+    assert back.SOPClassUID == back.file_meta.MediaStorageSOPClassUID == MULTIFRAME_TRUE_COLOR_SC
+    assert back.pixel_array.shape == (len(records), xray.Rows, xray.Columns, 3)
+    # Each frame is its own picture, in frame order (the legends alone tell them apart).
+    np.testing.assert_array_equal(back.pixel_array, run["pictures"])
+    assert not np.array_equal(back.pixel_array[0], back.pixel_array[1])
+    assert list(back.FrameLabelVector) == [f"XA frame {r['frame_number']}" for r in records]
+    assert back.FrameIncrementPointer == 0x00182002
+    source = back.SourceImageSequence[0]
+    assert [int(f) for f in source.ReferencedFrameNumber] == [r["frame_number"] for r in records]
+    dcmj2pnm = require_tool("dcmj2pnm", "/usr/bin/dcmj2pnm", "/usr/local/bin/dcmj2pnm")
+    for frame in range(len(records)):
+        png = tmp_path / f"sc-{frame}.png"
+        completed = subprocess.run(
+            [
+                dcmj2pnm,
+                "--write-png",
+                "--frame",
+                str(frame + 1),
+                str(tmp_path / "sc.dcm"),
+                str(png),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert completed.returncode == 0, completed.stderr
+
+
+def test_run_builders_refuse_what_is_not_a_run(run, ct):
+    xray, results = run["xray"], run["results"]
+    whole = RegistrationResult(**{**vars(results[0]), "frame_numbers": None})
+    with pytest.raises(ValueError, match="frame_numbers"):
+        build_run_registration(xray, ct, [whole])
+    with pytest.raises(ValueError, match=r"Referenced Frame Number \[2\] is in two results"):
+        build_run_report(xray, None, [results[1], results[1]])
+    flipped = RegistrationResult(**{**vars(results[0]), "mirrored": not results[0].mirrored})
+    with pytest.raises(ValueError, match="mirrored"):
+        build_run_registration(xray, ct, [flipped, results[1]])
+    with pytest.raises(ValueError, match="empty"):
+        build_run_registration(xray, ct, [])
+    with pytest.raises(ValueError, match="frames_rgb"):
+        build_run_overlay(xray, np.zeros((1, xray.Rows, xray.Columns, 3), np.uint8), results)

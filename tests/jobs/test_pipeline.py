@@ -2,8 +2,8 @@
 
 ``xvr-node serve`` (SQLite, one process, its own worker) receives the CT from DCMTK's
 storescu, assembles it, finetunes the patient's model in a window forced open, then
-registers every frame of the X-rays storescu sends next and delivers SRO, SR and SC to a
-real Orthanc.
+registers every frame of the X-rays storescu sends next and delivers SRO, SR and SC (one
+of each per X-ray, a cine run's frames together) to a real Orthanc.
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ def test_ct_then_xrays_by_storescu_end_in_registered_results_in_the_pacs(tmp_pat
             sent = storescu(node.port, xray_files)
             assert len(acknowledged_files(sent.stdout + sent.stderr)) == len(xray_files)
             frames = len(truth["xrays"])
+            # Three objects per X-ray instance: a cine run's frames share one SRO, SR and SC.
+            objects = 3 * len({record["sop_instance_uid"] for record in truth["xrays"]})
 
             def all_delivered():
                 with sessions() as session:
@@ -102,7 +104,7 @@ def test_ct_then_xrays_by_storescu_end_in_registered_results_in_the_pacs(tmp_pat
                     sent_rows = session.scalar(
                         select(func.count(Export.id)).where(Export.status == "sent")
                     )
-                    return registered == frames and sent_rows == 3 * frames
+                    return registered == frames and sent_rows == objects
 
             wait_for(all_delivered, "registrations delivered to Orthanc", node)
             with sessions() as session:
@@ -152,13 +154,13 @@ def test_ct_then_xrays_by_storescu_end_in_registered_results_in_the_pacs(tmp_pat
             with OPENER.open(f"{base}/metrics", timeout=10) as response:
                 metrics = response.read().decode()
             assert f"xvr_node_registrations_total {frames}" in metrics
-            assert f'xvr_node_exports{{status="sent"}} {3 * frames}' in metrics
+            assert f'xvr_node_exports{{status="sent"}} {objects}' in metrics
             assert 'xvr_node_jobs{kind="finetune",status="succeeded"} 1' in metrics
             assert 'xvr_node_job_queue_wait_seconds{kind="register"}' in metrics
             assert f'xvr_node_registrations_by_quality{{verdict="reliable"}} {frames}' in metrics
             engine.dispose()
         in_pacs = orthanc.instances()
-        assert len(in_pacs) == 3 * frames
+        assert len(in_pacs) == objects
         # Every result is filed in the X-ray's study, next to the images it describes.
         studies = {item["study_instance_uid"] for item in in_pacs.values()}
         assert studies == {truth["xray_study_instance_uid"]}
@@ -171,6 +173,8 @@ def test_an_unreliable_result_is_recorded_and_reaches_the_pacs_without_its_sro(
     say so, and no Spatial Registration object leaves the node."""
     truth = json.loads((small_phantom / "truth.json").read_text())
     frames = len(truth["xrays"])
+    # SR and SC per X-ray instance (a cine run's frames share them), no SRO.
+    objects = 2 * len({record["sop_instance_uid"] for record in truth["xrays"]})
     with running_orthanc(tmp_path / "orthanc") as orthanc:
         overrides = {
             "scheduler__stable_series_seconds": "1",
@@ -196,7 +200,7 @@ def test_an_unreliable_result_is_recorded_and_reaches_the_pacs_without_its_sro(
                     sent_rows = session.scalar(
                         select(func.count(Export.id)).where(Export.status == "sent")
                     )
-                    return registered == frames and sent_rows == 2 * frames
+                    return registered == frames and sent_rows == objects
 
             wait_for(delivered, "unreliable results delivered", node)
             with sessions() as session:
@@ -214,7 +218,7 @@ def test_an_unreliable_result_is_recorded_and_reaches_the_pacs_without_its_sro(
             assert f"0 reliable, {frames} NOT reliable" in status.stdout
             engine.dispose()
         in_pacs = orthanc.instances()
-        assert len(in_pacs) == 2 * frames
+        assert len(in_pacs) == objects
         modalities = [
             series["MainDicomTags"]["Modality"] for series in orthanc.rest("/series?expand")
         ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +78,13 @@ CONVENTIONS_TEXT = (
     "The source is at M (u0*column spacing, v0*row spacing, SID, 1). When Mirrored is YES the "
     "stored column j is image-plane column (Columns - 1 - j); when Rows Reversed is YES the "
     "stored row i is image-plane row (Rows - 1 - i)."
+)
+
+#: The convention as a cine run's SRO states it: one image item per frame, same geometry.
+RUN_CONVENTIONS_TEXT = CONVENTIONS_TEXT.replace(
+    "Registration item 2 matrix M",
+    "The matrix M of each Registration item from item 2 on (one per frame, see its "
+    "Referenced Frame Number; per-frame intrinsics in the item's private block)",
 )
 
 add_private_dict_entries(
@@ -155,6 +163,7 @@ class RegistrationResult:
         return "NOT RELIABLE" + (
             ": " + "; ".join(self.quality_reasons) if self.quality_reasons else ""
         )
+
     rows_reversed: bool = False
     pixel_spacing_estimated: bool = False
 
@@ -270,3 +279,31 @@ def check_xray(xray: Dataset, result: RegistrationResult) -> None:
             raise ValueError(
                 f"Referenced Frame Number {bad} exceeds Number of Frames (0028,0008) = {frames}"
             )
+
+
+def check_run(results: Sequence[RegistrationResult]) -> list[RegistrationResult]:
+    """The frame poses of one multi-frame X-ray in frame order; ``ValueError`` if they clash.
+
+    Every result must name its frames, no frame may appear twice, and the software version
+    and the stored-image flags (mirrored, rows reversed, estimated spacing) belong to the
+    X-ray, so all results must agree on them.
+    """
+    results = list(results)
+    if not results:
+        raise ValueError("results is empty: a run needs at least one frame pose")
+    seen: set[int] = set()
+    for result in results:
+        if result.frame_numbers is None:
+            raise ValueError(
+                "a run's result has no frame_numbers (Referenced Frame Number): "
+                "a whole-image pose is not a frame pose"
+            )
+        repeated = seen & set(result.frame_numbers)
+        if repeated:
+            raise ValueError(f"Referenced Frame Number {sorted(repeated)} is in two results")
+        seen |= set(result.frame_numbers)
+    for name in ("software_version", "mirrored", "rows_reversed", "pixel_spacing_estimated"):
+        values = {getattr(result, name) for result in results}
+        if len(values) > 1:
+            raise ValueError(f"the run's results disagree on {name}: {sorted(map(str, values))}")
+    return sorted(results, key=lambda result: min(result.frame_numbers or [0]))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from highdicom.sc import SCImage
@@ -16,6 +16,7 @@ from xvr_node.dicom.results import (
     SERIES_DESCRIPTION_OVERLAY,
     SERIES_NUMBER_OVERLAY,
     RegistrationResult,
+    check_run,
     check_xray,
     copy_patient_extras,
     set_body_part_or_laterality,
@@ -34,6 +35,12 @@ LEGEND_TEXT = (255, 255, 255)
 LEGEND_BACKGROUND = (0, 0, 0)
 RELIABLE_COLOUR = (0, 200, 0)
 UNRELIABLE_COLOUR = (230, 0, 0)
+
+#: Multi-frame True Color Secondary Capture Image Storage: a run's overlays in one object.
+MULTIFRAME_TRUE_COLOR_SC = "1.2.840.10008.5.1.4.1.1.7.4"
+
+#: Frame Increment Pointer (0028,0009) of a run's overlay: Frame Label Vector (0018,2002).
+FRAME_LABEL_VECTOR = 0x00182002
 
 #: Purpose of Reference of the Source Image Sequence item.
 SOURCE_IMAGE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
@@ -251,8 +258,90 @@ def build_overlay(
     sc.DerivationDescription = DERIVATION_DESCRIPTION
     if result.reliable is not None:
         sc.ImageComments = f"Registration {result.verdict_words}"[:10240]
-    sc.SourceImageSequence = DicomSequence([_source_image(xray, result)])
+    sc.SourceImageSequence = DicomSequence([_source_image(xray, result.frame_numbers)])
     return sc
+
+
+def build_run_overlay(
+    xray: Dataset,
+    frames_rgb: np.ndarray,
+    results: Sequence[RegistrationResult],
+    *,
+    series_instance_uid: str | None = None,
+    instance_number: int = 1,
+    series_number: int = SERIES_NUMBER_OVERLAY,
+) -> Dataset:
+    """Build one Multi-frame True Color Secondary Capture showing every frame pose of a run.
+
+    highdicom's ``SCImage`` writes single-frame Secondary Capture only, so the object is
+    made by it from the first frame (patient, study, series, equipment, orientation as in
+    :func:`build_overlay`) and turned into the Multi-frame True Color SC IOD (PS3.3 A.8.5):
+    all frames' pixels, Number of Frames, and Frame Increment Pointer to a Frame Label
+    Vector naming the X-ray frame each overlay frame shows. The Source Image Sequence lists
+    the X-ray with every frame shown; the Image Comments give each frame's verdict.
+
+    Parameters
+    ----------
+    xray
+        The registered multi-frame XA/RF instance.
+    frames_rgb
+        ``(frames, rows, columns, 3)`` uint8 RGB, one picture per result in frame order
+        (e.g. from :func:`compose_overlay`), each in the X-ray's stored pixel grid.
+    results
+        One result per frame pose, each with ``frame_numbers``.
+    series_instance_uid, instance_number, series_number
+        As for :func:`build_overlay`.
+
+    Returns
+    -------
+    pydicom.Dataset
+        Multi-frame True Color Secondary Capture Image Storage, Explicit VR Little Endian.
+    """
+    results = check_run(results)
+    for result in results:
+        check_xray(xray, result)
+    pixels = np.asarray(frames_rgb)
+    expected = (len(results), int(xray.Rows), int(xray.Columns), 3)
+    if pixels.shape != expected:
+        raise ValueError(
+            f"frames_rgb has shape {pixels.shape}; {len(results)} frame poses of the X-ray's "
+            f"Rows/Columns (0028,0010/0011) need {expected}"
+        )
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"frames_rgb must be uint8 (Bits Allocated 8), got {pixels.dtype}")
+    sc = build_overlay(
+        xray,
+        pixels[0],
+        results[0],
+        series_instance_uid=series_instance_uid,
+        instance_number=instance_number,
+        series_number=series_number,
+    )
+    sc.SOPClassUID = MULTIFRAME_TRUE_COLOR_SC
+    sc.file_meta.MediaStorageSOPClassUID = MULTIFRAME_TRUE_COLOR_SC
+    sc.NumberOfFrames = len(results)
+    sc.FrameIncrementPointer = FRAME_LABEL_VECTOR
+    # SH values of at most 16 characters: "XA frame 12345".
+    sc.FrameLabelVector = [frame_label(xray, result) for result in results]
+    sc.PixelData = np.ascontiguousarray(pixels).tobytes()
+    frames = [f for result in results for f in result.frame_numbers or []]
+    sc.SourceImageSequence = DicomSequence([_source_image(xray, frames)])
+    verdicts = [
+        f"frame {','.join(map(str, result.frame_numbers or []))}: {result.verdict_words}"
+        for result in results
+        if result.reliable is not None
+    ]
+    if verdicts:
+        sc.ImageComments = ("Registration " + "; ".join(verdicts))[:10240]
+    elif "ImageComments" in sc:
+        del sc.ImageComments
+    return sc
+
+
+def frame_label(xray: Dataset, result: RegistrationResult) -> str:
+    """The Frame Label Vector value of an overlay frame: the X-ray frame it shows."""
+    frames = ",".join(map(str, result.frame_numbers or []))
+    return f"{xray.get('Modality', '')} frame {frames}".strip()[:16]
 
 
 def _patient_orientation(xray: Dataset, result: RegistrationResult) -> tuple[str, str]:
@@ -266,12 +355,12 @@ def _patient_orientation(xray: Dataset, result: RegistrationResult) -> tuple[str
     return row, column
 
 
-def _source_image(xray: Dataset, result: RegistrationResult) -> Dataset:
+def _source_image(xray: Dataset, frame_numbers: list[int] | None) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = xray.SOPClassUID
     item.ReferencedSOPInstanceUID = xray.SOPInstanceUID
-    if result.frame_numbers is not None:
-        item.ReferencedFrameNumber = list(result.frame_numbers)
+    if frame_numbers is not None:
+        item.ReferencedFrameNumber = list(frame_numbers)
     purpose = Dataset()
     purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = SOURCE_IMAGE_PURPOSE
     item.PurposeOfReferenceCodeSequence = DicomSequence([purpose])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
@@ -28,6 +30,7 @@ from xvr_node.dicom.results import (
     SERIES_DESCRIPTION_REPORT,
     SERIES_NUMBER_REPORT,
     RegistrationResult,
+    check_run,
     check_xray,
     copy_patient_extras,
 )
@@ -132,13 +135,70 @@ def build_measurement_report(
         A highdicom ``ComprehensiveSR`` (Explicit VR Little Endian).
     """
     check_xray(xray, result)
-    if sro is not None and sro.get("SOPClassUID") != SPATIAL_REGISTRATION_SOP_CLASS:
-        raise ValueError("sro: SOP Class UID (0008,0016) is not Spatial Registration Storage")
-    if sro is not None and sro.get("StudyInstanceUID") != xray.StudyInstanceUID:
-        raise ValueError("sro: Study Instance UID (0020,000D) is not the X-ray's study")
-    if instance_number < 1:
-        raise ValueError(f"Instance Number (0020,0013) must be positive, got {instance_number}")
+    return _build(
+        xray,
+        sro,
+        [_measurement_group(xray, result, "X-ray pose")],
+        software_version=result.software_version,
+        series_instance_uid=series_instance_uid,
+        instance_number=instance_number,
+        series_number=series_number,
+    )
 
+
+def build_run_report(
+    xray: Dataset,
+    sro: Dataset | None,
+    results: Sequence[RegistrationResult],
+    *,
+    series_instance_uid: str | None = None,
+    instance_number: int = 1,
+    series_number: int = SERIES_NUMBER_REPORT,
+) -> Dataset:
+    """Build one Comprehensive SR (TID 1500) for every frame pose of a multi-frame X-ray.
+
+    One Measurement Group (TID 1501) per frame pose, in frame order, each exactly as the
+    single pose's group of :func:`build_measurement_report`, with Tracking Identifier
+    ``X-ray pose, frame N`` and the X-ray's frame as Source of Measurement: a frame the
+    quality gate rejected keeps its group and says so.
+
+    Parameters
+    ----------
+    xray
+        The registered multi-frame XA/RF instance.
+    sro
+        The run's Spatial Registration object
+        (:func:`~xvr_node.dicom.sro.build_run_registration`), listed as evidence; ``None``
+        when none is sent (every frame unreliable).
+    results
+        One result per frame pose, each with ``frame_numbers``.
+    series_instance_uid, instance_number, series_number
+        As for :func:`build_measurement_report`.
+    """
+    results = check_run(results)
+    for result in results:
+        check_xray(xray, result)
+    groups = [
+        _measurement_group(
+            xray, result, "X-ray pose, frame " + ",".join(map(str, result.frame_numbers or []))
+        )
+        for result in results
+    ]
+    return _build(
+        xray,
+        sro,
+        groups,
+        software_version=results[0].software_version,
+        series_instance_uid=series_instance_uid,
+        instance_number=instance_number,
+        series_number=series_number,
+    )
+
+
+def _measurement_group(
+    xray: Dataset, result: RegistrationResult, tracking: str
+) -> MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group of one pose: figures, initializer and verdict, per X-ray frame."""
     intrinsics = result.intrinsics
     source = SourceImageForMeasurement(
         referenced_sop_class_uid=xray.SOPClassUID,
@@ -171,8 +231,8 @@ def build_measurement_report(
         evaluations.append(
             QualitativeEvaluation(REGISTRATION_QUALITY, QUALITY_CODES[result.reliable])
         )
-    group = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier="X-ray pose"),
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier=tracking),
         finding_type=FINDING,
         algorithm_id=AlgorithmIdentification(
             name=MANUFACTURER,
@@ -183,6 +243,25 @@ def build_measurement_report(
         measurements=measurements,
         qualitative_evaluations=evaluations,
     )
+
+
+def _build(
+    xray: Dataset,
+    sro: Dataset | None,
+    groups: list[MeasurementsAndQualitativeEvaluations],
+    *,
+    software_version: str,
+    series_instance_uid: str | None,
+    instance_number: int,
+    series_number: int,
+) -> Dataset:
+    """The report around its measurement groups, with the X-ray (and SRO) as evidence."""
+    if sro is not None and sro.get("SOPClassUID") != SPATIAL_REGISTRATION_SOP_CLASS:
+        raise ValueError("sro: SOP Class UID (0008,0016) is not Spatial Registration Storage")
+    if sro is not None and sro.get("StudyInstanceUID") != xray.StudyInstanceUID:
+        raise ValueError("sro: Study Instance UID (0020,000D) is not the X-ray's study")
+    if instance_number < 1:
+        raise ValueError(f"Instance Number (0020,0013) must be positive, got {instance_number}")
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -195,7 +274,7 @@ def build_measurement_report(
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE,
-        imaging_measurements=[group],
+        imaging_measurements=groups,
     )
     sr = ComprehensiveSR(
         evidence=[_with_patient_study_type2(xray)] + ([] if sro is None else [sro]),
@@ -208,7 +287,7 @@ def build_measurement_report(
         is_complete=True,
         series_description=SERIES_DESCRIPTION_REPORT,
         manufacturer_model_name=MANUFACTURER,
-        software_versions=result.software_version,
+        software_versions=software_version,
         coding_schemes=[coding_scheme_identification()],
     )
     # No Body Part Examined: the SR Document Series module has none (dciodvfy would call the

@@ -30,9 +30,11 @@ from xvr_node.dicom.results import (
     PRIVATE_SIMILARITY,
     PRIVATE_SPACING_ESTIMATED,
     PRIVATE_WALL_TIME,
+    RUN_CONVENTIONS_TEXT,
     SERIES_DESCRIPTION_REGISTRATION,
     SERIES_NUMBER_REGISTRATION,
     RegistrationResult,
+    check_run,
     check_xray,
     copy_patient_extras,
     format_ds,
@@ -116,7 +118,87 @@ def build_spatial_registration(
     ValueError
         Naming the attribute when the X-ray or the CT cannot be referenced as required.
     """
-    check_xray(xray, result)
+    return _build(
+        xray,
+        ct_slices,
+        [result],
+        run=False,
+        series_instance_uid=series_instance_uid,
+        instance_number=instance_number,
+        content_creator=content_creator,
+        series_number=series_number,
+    )
+
+
+def build_run_registration(
+    xray: Dataset,
+    ct_slices: Sequence[Dataset],
+    results: Sequence[RegistrationResult],
+    *,
+    series_instance_uid: str | None = None,
+    instance_number: int = 1,
+    content_creator: str = "",
+    series_number: int = SERIES_NUMBER_REGISTRATION,
+) -> Dataset:
+    """Build one Spatial Registration object for the frame poses of a multi-frame X-ray.
+
+    PS3.3 C.20.2 allows several Registration Sequence items: item 1 is the CT's Frame of
+    Reference (identity), as in :func:`build_spatial_registration`; then one item per frame
+    pose, in frame order, each referencing the X-ray with its Referenced Frame Number and
+    holding that frame's ``RIGID`` matrix image plane → CT LPS. The image-plane convention is
+    the single pose's. Each frame item carries its own private block (intrinsics, similarity,
+    iterations, model, initializer, wall time); the top-level block holds the first frame's
+    values, the X-ray's flags and the conventions, so one object stays self-contained.
+
+    Parameters
+    ----------
+    xray
+        The registered multi-frame XA/RF instance (header only is enough).
+    ct_slices
+        Headers of the CT instances the X-ray was registered to.
+    results
+        One result per frame pose, each with ``frame_numbers`` (1-based; a frame in one
+        result only), all with the same software version and stored-image flags.
+    series_instance_uid, instance_number, content_creator, series_number
+        As for :func:`build_spatial_registration`.
+
+    Returns
+    -------
+    pydicom.Dataset
+        A Part 10-ready dataset (file meta, Explicit VR Little Endian).
+
+    Raises
+    ------
+    ValueError
+        When ``results`` is empty, a result has no frame numbers, a frame repeats, or the
+        results disagree on the X-ray's flags; or as :func:`build_spatial_registration`.
+    """
+    return _build(
+        xray,
+        ct_slices,
+        check_run(results),
+        run=True,
+        series_instance_uid=series_instance_uid,
+        instance_number=instance_number,
+        content_creator=content_creator,
+        series_number=series_number,
+    )
+
+
+def _build(
+    xray: Dataset,
+    ct_slices: Sequence[Dataset],
+    results: Sequence[RegistrationResult],
+    *,
+    run: bool,
+    series_instance_uid: str | None,
+    instance_number: int,
+    content_creator: str,
+    series_number: int,
+) -> Dataset:
+    """The SRO of one pose (``run=False``) or of a cine run's frame poses."""
+    for result in results:
+        check_xray(xray, result)
     ct = _check_ct(ct_slices, xray)
     if instance_number < 1:
         raise ValueError(f"Instance Number (0020,0013) must be positive, got {instance_number}")
@@ -162,23 +244,24 @@ def build_spatial_registration(
     # General Equipment.
     ds.Manufacturer = MANUFACTURER
     ds.ManufacturerModelName = MANUFACTURER
-    ds.SoftwareVersions = result.software_version
+    ds.SoftwareVersions = results[0].software_version
 
     # Spatial Registration + Content Identification.
     ds.ContentDate = date
     ds.ContentTime = time
     ds.InstanceNumber = instance_number
     ds.ContentLabel = CONTENT_LABEL
-    ds.ContentDescription = _content_description(xray, result)
+    ds.ContentDescription = _content_description(xray, results, run)
     ds.ContentCreatorName = content_creator
     ds.RegistrationSequence = DicomSequence(
-        [_ct_item(ct.FrameOfReferenceUID), _xray_item(xray, result)]
+        [_ct_item(ct.FrameOfReferenceUID)]
+        + [_xray_item(xray, result, frame_block=run) for result in results]
     )
 
     # Common Instance Reference.
     _add_common_instance_reference(ds, [xray], ct_slices)
 
-    _add_private_block(ds, result)
+    _add_private_block(ds, results[0], RUN_CONVENTIONS_TEXT if run else CONVENTIONS_TEXT)
     return ds
 
 
@@ -207,11 +290,19 @@ def _check_ct(ct_slices: Sequence[Dataset], xray: Dataset) -> Dataset:
     return first
 
 
-def _content_description(xray: Dataset, result: RegistrationResult) -> str:
-    text = (
-        f"X-ray {xray.get('Modality', '')} to CT, {result.initializer} initializer, "
-        f"similarity {result.similarity:.4g}"
-    )
+def _content_description(xray: Dataset, results: Sequence[RegistrationResult], run: bool) -> str:
+    first = results[0]
+    if not run:
+        text = (
+            f"X-ray {xray.get('Modality', '')} to CT, {first.initializer} initializer, "
+            f"similarity {first.similarity:.4g}"
+        )
+    else:
+        lowest = min(result.similarity for result in results)
+        text = (
+            f"X-ray {xray.get('Modality', '')} run to CT, {len(results)} frame poses, "
+            f"similarity >= {lowest:.4g}"
+        )
     return text[:64]
 
 
@@ -252,7 +343,8 @@ def _ct_item(frame_of_reference_uid: str) -> Dataset:
     return item
 
 
-def _xray_item(xray: Dataset, result: RegistrationResult) -> Dataset:
+def _xray_item(xray: Dataset, result: RegistrationResult, *, frame_block: bool) -> Dataset:
+    """The Registration Sequence item of one pose; a run's items carry their own figures."""
     reference = Dataset()
     reference.ReferencedSOPClassUID = xray.SOPClassUID
     reference.ReferencedSOPInstanceUID = xray.SOPInstanceUID
@@ -263,6 +355,8 @@ def _xray_item(xray: Dataset, result: RegistrationResult) -> Dataset:
     item.MatrixRegistrationSequence = _matrix_registration(
         result.matrix, IMAGE_CONTENT_BASED_ALIGNMENT, "X-ray image plane (mm) to CT LPS (mm)"
     )
+    if frame_block:
+        _add_private_block(item, result, None)
     return item
 
 
@@ -303,7 +397,12 @@ def _add_common_instance_reference(
         ds.StudiesContainingOtherReferencedInstancesSequence = DicomSequence(others)
 
 
-def _add_private_block(ds: Dataset, result: RegistrationResult) -> None:
+def _add_private_block(ds: Dataset, result: RegistrationResult, conventions: str | None) -> None:
+    """xvr-node's private block; without ``conventions``, only a frame's own values.
+
+    A run's Registration Sequence items each carry the per-frame part (intrinsics and
+    figures); the flags of the X-ray and the conventions are the object's, at the top.
+    """
     intrinsics = result.intrinsics
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     block.add_new(PRIVATE_SID, "FD", float(intrinsics.sid_mm))
@@ -318,27 +417,34 @@ def _add_private_block(ds: Dataset, result: RegistrationResult) -> None:
     block.add_new(PRIVATE_SIMILARITY, "FD", float(result.similarity))
     block.add_new(PRIVATE_ITERATIONS, "UL", int(result.iterations))
     block.add_new(PRIVATE_MODEL_ID, "LO", result.model_id or "")
-    block.add_new(PRIVATE_MIRRORED, "CS", "YES" if result.mirrored else "NO")
     block.add_new(PRIVATE_INITIALIZER, "CS", result.initializer.upper())
     block.add_new(PRIVATE_WALL_TIME, "FD", float(result.wall_time_s))
+    if conventions is None:
+        return
+    block.add_new(PRIVATE_MIRRORED, "CS", "YES" if result.mirrored else "NO")
     block.add_new(PRIVATE_ROWS_REVERSED, "CS", "YES" if result.rows_reversed else "NO")
     block.add_new(
         PRIVATE_SPACING_ESTIMATED, "CS", "YES" if result.pixel_spacing_estimated else "NO"
     )
-    block.add_new(PRIVATE_CONVENTIONS, "UT", CONVENTIONS_TEXT)
+    block.add_new(PRIVATE_CONVENTIONS, "UT", conventions)
 
 
 # --- reading back ---------------------------------------------------------------------------
 
 
-def read_registration(ds: Dataset) -> tuple[np.ndarray, Intrinsics, list[int] | None]:
+def read_registration(
+    ds: Dataset, frame: int | None = None
+) -> tuple[np.ndarray, Intrinsics, list[int] | None]:
     """The X-ray pose of an xvr-node SRO: matrix (image plane → CT LPS), intrinsics, frames.
 
     Parameters
     ----------
     ds
-        A Spatial Registration object written by :func:`build_spatial_registration`
-        (or read back from its file).
+        A Spatial Registration object written by :func:`build_spatial_registration` or
+        :func:`build_run_registration` (or read back from its file).
+    frame
+        1-based frame whose pose is wanted; required when the object holds several poses
+        (a cine run), see :func:`read_registrations` for all of them.
 
     Returns
     -------
@@ -346,68 +452,87 @@ def read_registration(ds: Dataset) -> tuple[np.ndarray, Intrinsics, list[int] | 
         The 4×4 matrix, the :class:`~xvr_node.geometry.Intrinsics` from the private block,
         and the 1-based Referenced Frame Numbers (``None``: the whole image).
     """
-    result = read_registration_result(ds)
+    result = read_registration_result(ds, frame)
     return result.matrix, result.intrinsics, result.frame_numbers
 
 
-def read_registration_result(ds: Dataset) -> RegistrationResult:
-    """Everything an xvr-node SRO carries, as the :class:`RegistrationResult` it was built from."""
+def read_registration_result(ds: Dataset, frame: int | None = None) -> RegistrationResult:
+    """Everything an xvr-node SRO carries about one pose, as a :class:`RegistrationResult`.
+
+    ``frame`` picks the pose of that 1-based frame; without it the object must hold one pose.
+    """
+    results = read_registrations(ds)
+    if frame is None:
+        if len(results) != 1:
+            frames = [f for result in results for f in result.frame_numbers or []]
+            raise ValueError(
+                f"Registration Sequence (0070,0308) has {len(results)} image items (frames "
+                f"{frames}): name the frame, or read them all with read_registrations"
+            )
+        return results[0]
+    for result in results:
+        if result.frame_numbers is None or frame in result.frame_numbers:
+            return result
+    raise ValueError(f"no Registration Sequence item references frame {frame}")
+
+
+def read_registrations(ds: Dataset) -> list[RegistrationResult]:
+    """Every pose of an xvr-node SRO, in item order: one for an image, one per frame of a run."""
     if ds.get("SOPClassUID") != SPATIAL_REGISTRATION_SOP_CLASS:
         raise ValueError("SOP Class UID (0008,0016) is not Spatial Registration Storage")
     items = list(ds.get("RegistrationSequence", []))
     images = [item for item in items if "ReferencedImageSequence" in item]
-    if len(images) != 1:
-        raise ValueError(
-            f"Registration Sequence (0070,0308) has {len(images)} image items, expected 1"
-        )
-    image_to_registered = _single_matrix(images[0])
+    if not images:
+        raise ValueError("Registration Sequence (0070,0308) has no image item")
     space = [item for item in items if item.get("FrameOfReferenceUID") == ds.FrameOfReferenceUID]
-    if space:
-        # Item 1 maps the CT's Frame of Reference into the registered space (identity for us).
-        image_to_registered = np.linalg.inv(_single_matrix(space[0])) @ image_to_registered
-
-    reference = images[0].ReferencedImageSequence[0]
-    frames = reference.get("ReferencedFrameNumber")
-    if frames is not None:
-        frames = [int(f) for f in (frames if isinstance(frames, MultiValue | list) else [frames])]
-    block = read_private_block(ds)
+    # Item 1 maps the CT's Frame of Reference into the registered space (identity for us).
+    registered_to_ct = np.linalg.inv(_single_matrix(space[0])) if space else np.eye(4)
+    top = read_private_block(ds)
     software = ds.get("SoftwareVersions", "")
     if isinstance(software, MultiValue | list):
         software = software[0] if software else ""
-    return RegistrationResult(
-        matrix=image_to_registered,
-        intrinsics=block["intrinsics"],
-        similarity=block["similarity"],
-        iterations=block["iterations"],
-        wall_time_s=block["wall_time_s"],
-        initializer=block["initializer"],
-        model_id=block["model_id"],
-        software_version=str(software) or "unknown",
-        frame_numbers=frames,
-        mirrored=block["mirrored"],
-        rows_reversed=block["rows_reversed"],
-        pixel_spacing_estimated=block["pixel_spacing_estimated"],
-    )
+    results = []
+    for item in images:
+        block = read_private_block(ds, item) if len(images) > 1 else top
+        frames = item.ReferencedImageSequence[0].get("ReferencedFrameNumber")
+        if frames is not None:
+            many = isinstance(frames, MultiValue | list)
+            frames = [int(f) for f in (frames if many else [frames])]
+        results.append(
+            RegistrationResult(
+                matrix=registered_to_ct @ _single_matrix(item),
+                intrinsics=block["intrinsics"],
+                similarity=block["similarity"],
+                iterations=block["iterations"],
+                wall_time_s=block["wall_time_s"],
+                initializer=block["initializer"],
+                model_id=block["model_id"],
+                software_version=str(software) or "unknown",
+                frame_numbers=frames,
+                mirrored=top["mirrored"],
+                rows_reversed=top["rows_reversed"],
+                pixel_spacing_estimated=top["pixel_spacing_estimated"],
+            )
+        )
+    return results
 
 
-def read_private_block(ds: Dataset) -> dict:
+def read_private_block(ds: Dataset, item: Dataset | None = None) -> dict:
     """The values of xvr-node's private block (see ``results.PRIVATE_DICTIONARY``).
+
+    With ``item`` (a run's Registration Sequence item), that frame's values come from the
+    item's own block and the X-ray's flags from the object's.
 
     Returns a dict with ``intrinsics``, ``similarity``, ``iterations``, ``wall_time_s``,
     ``initializer``, ``model_id`` (``None`` when empty), ``mirrored``, ``rows_reversed`` and
     ``pixel_spacing_estimated`` (the last two ``False`` in objects written before they were).
     """
-    try:
-        block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
-    except KeyError:
-        raise ValueError(
-            f"private block {PRIVATE_CREATOR!r} in group {PRIVATE_GROUP:04X} is missing: "
-            "the intrinsics cannot be read"
-        ) from None
+    block = _find_block(ds, "the object")
+    frame_block = block if item is None else _find_block(item, "a Registration Sequence item")
 
-    def value(offset: int):
+    def value(offset: int, source=frame_block):
         try:
-            return block[offset].value
+            return source[offset].value
         except KeyError:
             raise ValueError(
                 f"private element ({PRIVATE_GROUP:04X},xx{offset:02X}) of {PRIVATE_CREATOR!r} "
@@ -430,10 +555,20 @@ def read_private_block(ds: Dataset) -> dict:
         "wall_time_s": float(value(PRIVATE_WALL_TIME)),
         "initializer": str(value(PRIVATE_INITIALIZER)).lower(),
         "model_id": str(value(PRIVATE_MODEL_ID) or "") or None,
-        "mirrored": str(value(PRIVATE_MIRRORED)).upper() == "YES",
+        "mirrored": str(value(PRIVATE_MIRRORED, block)).upper() == "YES",
         "rows_reversed": _optional_flag(block, PRIVATE_ROWS_REVERSED),
         "pixel_spacing_estimated": _optional_flag(block, PRIVATE_SPACING_ESTIMATED),
     }
+
+
+def _find_block(ds: Dataset, where: str):
+    try:
+        return ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    except KeyError:
+        raise ValueError(
+            f"private block {PRIVATE_CREATOR!r} in group {PRIVATE_GROUP:04X} of {where} is "
+            "missing: the intrinsics cannot be read"
+        ) from None
 
 
 def _optional_flag(block, offset: int) -> bool:
@@ -674,8 +809,14 @@ def _source_problems(
 
 
 def _private_block_problems(ds: Dataset) -> list[str]:
-    try:
-        read_private_block(ds)
-    except (ValueError, TypeError) as error:
-        return [f"cannot read the intrinsics back: {error}"]
-    return []
+    """The object's block, and each frame item's when it holds a run's several poses."""
+    images = [
+        item for item in ds.get("RegistrationSequence", []) if "ReferencedImageSequence" in item
+    ]
+    problems = []
+    for item in [None, *images] if len(images) > 1 else [None]:
+        try:
+            read_private_block(ds, item)
+        except (ValueError, TypeError) as error:
+            problems.append(f"cannot read the intrinsics back: {error}")
+    return problems

@@ -32,9 +32,9 @@ from xvr_node.catalog.models import (
 )
 from xvr_node.config import Settings
 from xvr_node.dicom.results import RegistrationResult
-from xvr_node.dicom.sc import build_overlay, compose_overlay, overlay_legend
-from xvr_node.dicom.sr import build_measurement_report
-from xvr_node.dicom.sro import build_spatial_registration
+from xvr_node.dicom.sc import build_overlay, build_run_overlay, compose_overlay, overlay_legend
+from xvr_node.dicom.sr import build_measurement_report, build_run_report
+from xvr_node.dicom.sro import build_run_registration, build_spatial_registration
 from xvr_node.dicom.storage import FileStore
 from xvr_node.geometry import Intrinsics
 from xvr_node.jobs.assemble import latest_versions, run_assemble
@@ -299,7 +299,12 @@ class Pipeline:
     # --- export --------------------------------------------------------------------------
 
     def export(self, context: JobContext) -> dict[str, Any]:
-        """Build SRO, SR and SC per registered pose, queue them for every PACS, send."""
+        """Build the results, queue them for every PACS, send.
+
+        A whole image gets SRO, SR and SC of its pose; a cine run gets one SRO, one SR and one
+        multi-frame SC for all its frames (issue 14 item 11: not three objects per frame).
+        Per-frame results stay in the catalog; a run's objects are linked to its first frame.
+        """
         session = context.session
         instance = session.get(Instance, context.payload["instance_id"])
         if instance is None:
@@ -322,19 +327,26 @@ class Pipeline:
             kind: generate_uid(entropy_srcs=[instance.sop_instance_uid, kind, str(rows[0].id)])
             for kind in ("sro", "sr", "sc")
         }
-        stored = stored_objects = 0
-        for row in rows:
-            objects = self._result_objects(xray, ct_headers, row, volume, xray_flags, series)
-            stored_objects += len(objects)
-            stored += len(
-                store_result_objects(
-                    session, self.store, objects, self.settings.destinations, row.id
-                )
+        frames = sorted((row for row in rows if row.frame_index is not None), key=_frame_number)
+        batches = [([row], self._result_objects) for row in rows if row.frame_index is None]
+        if frames:
+            batches.append((frames, self._run_objects))
+        built = withheld = 0
+        exports: list[Any] = []
+        for batch, build in batches:
+            objects, left_out = build(xray, ct_headers, batch, volume, xray_flags, series)
+            built += len(objects)
+            withheld += left_out
+            exports += store_result_objects(
+                session, self.store, objects, self.settings.destinations, batch[0].id
             )
         delivery = deliver_configured(session, self.store, self.settings, context.now())
         return {
-            "objects": stored_objects,
-            "queued": stored,
+            "registrations": len(rows),
+            "objects": built,
+            "kinds": sorted({row.object_kind for row in exports}),
+            "withheld_from_sro": withheld,
+            "queued": len(exports),
             "sent": delivery["sent"],
             "retrying": delivery["retrying"],
             "parked": delivery["parked"],
@@ -354,24 +366,98 @@ class Pipeline:
         self,
         xray: Dataset,
         ct_headers: list[Dataset],
-        row: Registration,
+        rows: list[Registration],
         volume: Volume,
         xray_flags: dict[str, bool],
         series: dict[str, str],
-    ) -> list[tuple[str, Dataset]]:
-        """SR and overlay SC of one result, and its SRO unless the gate found it unreliable.
+    ) -> tuple[list[tuple[str, Dataset]], int]:
+        """SR and overlay SC of a whole image's pose, and its SRO unless the gate found it
+        unreliable; with the number of poses left out of an SRO (0 or 1).
 
         An unreliable result's SRO is withheld (``registration.send_unreliable`` sends it
         anyway): a viewer would apply it silently, where SR and overlay say what it is worth.
         """
-        from xvr_node.xvr.visualize import anatomy_contours
+        (row,) = rows
+        result = self._result(row, xray_flags)
+        objects: list[tuple[str, Dataset]] = []
+        sro = None
+        if self._sro_may_hold(row):
+            sro = build_spatial_registration(
+                xray, ct_headers, result, series_instance_uid=series["sro"], instance_number=1
+            )
+            objects.append(("sro", sro))
+        else:
+            self._log_withheld(row)
+        sr = build_measurement_report(
+            xray, sro, result, series_instance_uid=series["sr"], instance_number=1
+        )
+        rgb = self._overlay_picture(xray, xray.pixel_array, result, volume)
+        sc = build_overlay(xray, rgb, result, series_instance_uid=series["sc"], instance_number=1)
+        return [*objects, ("sr", sr), ("sc", sc)], 0 if sro is not None else 1
 
-        frame_number = None if row.frame_index is None else row.frame_index + 1
+    def _run_objects(
+        self,
+        xray: Dataset,
+        ct_headers: list[Dataset],
+        rows: list[Registration],
+        volume: Volume,
+        xray_flags: dict[str, bool],
+        series: dict[str, str],
+    ) -> tuple[list[tuple[str, Dataset]], int]:
+        """One SRO, SR and multi-frame SC for a cine run's frame poses, in frame order.
+
+        The SRO holds only the frames the gate did not find unreliable (all of them with
+        ``registration.send_unreliable``) and is not written when none remain; the SR and
+        the overlay cover every frame, each frame with its own verdict.
+        """
+        results = [self._result(row, xray_flags) for row in rows]
+        kept = [
+            result for row, result in zip(rows, results, strict=True) if self._sro_may_hold(row)
+        ]
+        for row in rows:
+            if not self._sro_may_hold(row):
+                self._log_withheld(row)
+        objects: list[tuple[str, Dataset]] = []
+        sro = None
+        if kept:
+            sro = build_run_registration(
+                xray, ct_headers, kept, series_instance_uid=series["sro"], instance_number=1
+            )
+            objects.append(("sro", sro))
+        sr = build_run_report(xray, sro, results, series_instance_uid=series["sr"])
+        stack = xray.pixel_array
+        pictures = np.stack(
+            [
+                self._overlay_picture(xray, stack[_frame_number(row) - 1], result, volume)
+                for row, result in zip(rows, results, strict=True)
+            ]
+        )
+        sc = build_run_overlay(xray, pictures, results, series_instance_uid=series["sc"])
+        return [*objects, ("sr", sr), ("sc", sc)], len(rows) - len(kept)
+
+    def _sro_may_hold(self, row: Registration) -> bool:
+        """The quality gate's word on the SRO: not for a result found unreliable."""
+        return row.reliable is not False or self.settings.registration.send_unreliable
+
+    @staticmethod
+    def _log_withheld(row: Registration) -> None:
+        LOG.warning(
+            "unreliable result: no SRO sent",
+            extra={
+                "event": "sro_withheld",
+                "registration": row.id,
+                "frame_index": row.frame_index,
+                "reasons": (row.metrics or {}).get("quality", {}).get("reasons"),
+            },
+        )
+
+    def _result(self, row: Registration, xray_flags: dict[str, bool]) -> RegistrationResult:
+        """The catalog row as the builders' :class:`RegistrationResult`."""
         model_label = None
         if row.model is not None:
             model_label = f"model {row.model.id} v{row.model.version}"
         quality = (row.metrics or {}).get("quality", {})
-        result = RegistrationResult(
+        return RegistrationResult(
             matrix=np.asarray(row.final_matrix),
             intrinsics=Intrinsics.from_json(row.intrinsics),
             similarity=float(row.similarity or 0.0),
@@ -380,39 +466,23 @@ class Pipeline:
             initializer=str(row.initializer),
             model_id=model_label,
             software_version=__version__,
-            frame_numbers=None if frame_number is None else [frame_number],
+            frame_numbers=None if row.frame_index is None else [_frame_number(row)],
             **xray_flags,
             reliable=row.reliable,
             confidence=row.confidence,
             quality_reasons=list(quality.get("reasons", [])),
         )
-        number = frame_number or 1
-        objects: list[tuple[str, Dataset]] = []
-        sro = None
-        if row.reliable is not False or self.settings.registration.send_unreliable:
-            sro = build_spatial_registration(
-                xray, ct_headers, result, series_instance_uid=series["sro"], instance_number=number
-            )
-            objects.append(("sro", sro))
-        else:
-            LOG.warning(
-                "unreliable result: no SRO sent",
-                extra={
-                    "event": "sro_withheld",
-                    "registration": row.id,
-                    "reasons": quality.get("reasons"),
-                },
-            )
-        sr = build_measurement_report(
-            xray, sro, result, series_instance_uid=series["sr"], instance_number=number
-        )
+
+    def _overlay_picture(
+        self, xray: Dataset, pixels: np.ndarray, result: RegistrationResult, volume: Volume
+    ) -> np.ndarray:
+        """One frame's RGB overlay: its pixels, the CT's contours at its pose, its verdict."""
+        from xvr_node.xvr.visualize import anatomy_contours
+
         registrar = self.registrars.for_volume(volume)
         contours = anatomy_contours(
             result.intrinsics, registrar.volume, result.matrix, registrar.orientation, self.device
         )
-        pixels = xray.pixel_array
-        if int(xray.get("NumberOfFrames", 1) or 1) > 1:
-            pixels = pixels[number - 1]
         view = field_of_view(xray, pixels)
         field = view.outline()
         if result.mirrored:  # the image plane's columns run the other way in the stored pixels
@@ -421,10 +491,11 @@ class Pipeline:
             contours = {name: mask[::-1, :] for name, mask in contours.items()}
         # Contours only where the X-ray shows anything: lines over a shutter only confuse.
         contours = {name: mask & view.mask for name, mask in contours.items()}
-        rgb = compose_overlay(
-            pixels, contours, overlay_legend(result), field_outline=field, reliable=row.reliable
+        return compose_overlay(
+            pixels, contours, overlay_legend(result), field_outline=field, reliable=result.reliable
         )
-        sc = build_overlay(
-            xray, rgb, result, series_instance_uid=series["sc"], instance_number=number
-        )
-        return [*objects, ("sr", sr), ("sc", sc)]
+
+
+def _frame_number(row: Registration) -> int:
+    """The 1-based frame of a run's result (Referenced Frame Number)."""
+    return (row.frame_index or 0) + 1
