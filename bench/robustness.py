@@ -67,7 +67,7 @@ def build(seed: int, frames: int, size: int, root: Path) -> Path:
 _REGISTRARS: dict[str, object] = {}
 
 
-def register_frame(folder: str, index: int) -> dict:
+def register_frame(folder: str, index: int, environ: dict[str, str] | None = None) -> dict:
     """Everything a register job does for one frame, against the phantom's truth."""
     import torch
 
@@ -80,7 +80,7 @@ def register_frame(folder: str, index: int) -> dict:
     from xvr_node.xvr.xray import read_xray_frames
 
     torch.set_num_threads(1)
-    settings = load_settings(None, environ={})
+    settings = load_settings(None, environ=environ or {})
     root = Path(folder)
     truth = json.loads((root / "truth.json").read_text())
     record = truth["xrays"][index]
@@ -212,6 +212,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--large-frames", type=int, default=3, help="extra 1024-px frames")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--levels", help="registration.levels_px for this run, e.g. 32,64,128 (default: config)"
+    )
+    parser.add_argument("--phantoms", type=Path, help="reuse the phantoms of an earlier run")
+    parser.add_argument(
+        "--only", help="comma-separated PHANTOM/FILE to run, e.g. seed1-512px/IMG_002"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--summarize", type=Path, help="report a saved robustness.json again")
     parser.add_argument(
@@ -227,18 +234,27 @@ def main() -> None:
             print(json.dumps(summary, indent=1))
         return
 
-    work = Path(tempfile.mkdtemp(prefix="bench-robustness-"))
+    environ = {"XVR_NODE__REGISTRATION__LEVELS_PX": f"[{args.levels}]"} if args.levels else {}
     jobs: list[tuple[str, int]] = []
     with ProcessPoolExecutor(args.workers) as pool:
-        specs = [(seed, args.frames, args.size) for seed in range(args.seeds)]
-        if args.large_frames:
-            specs.append((args.seeds, args.large_frames, 1024))
-        folders = list(pool.map(build, *zip(*specs, strict=True), [work] * len(specs)))
-        for folder, (_, frames, _) in zip(folders, specs, strict=True):
-            jobs += [(str(folder), index) for index in range(frames)]
-        print(f"{len(jobs)} frames in {len(folders)} phantoms under {work}", flush=True)
+        if args.phantoms:
+            folders = sorted(p for p in args.phantoms.iterdir() if (p / "truth.json").is_file())
+        else:
+            work = Path(tempfile.mkdtemp(prefix="bench-robustness-"))
+            specs = [(seed, args.frames, args.size) for seed in range(args.seeds)]
+            if args.large_frames:
+                specs.append((args.seeds, args.large_frames, 1024))
+            folders = list(pool.map(build, *zip(*specs, strict=True), [work] * len(specs)))
+        wanted = set(args.only.split(",")) if args.only else None
+        for folder in folders:
+            records = json.loads((folder / "truth.json").read_text())["xrays"]
+            for index, record in enumerate(records):
+                key = f"{folder.name}/{Path(record['file']).stem}"
+                if wanted is None or key in wanted:
+                    jobs.append((str(folder), index))
+        print(f"{len(jobs)} frames in {len(folders)} phantoms", flush=True)
         rows = []
-        for row in pool.map(register_frame, *zip(*jobs, strict=True)):
+        for row in pool.map(register_frame, *zip(*jobs, strict=True), [environ] * len(jobs)):
             rows.append(row)
             print(
                 f"{row['phantom']} {row['file']}: {row['final_mtre_mm']:.2f} mm "
@@ -248,8 +264,12 @@ def main() -> None:
     summary = summarize(rows)
     print_report(rows, summary)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "robustness.json").write_text(
-        json.dumps({"summary": summary, "rows": rows, "cpus": os.cpu_count()}, indent=1)
+    name = "robustness.json" if not (args.levels or args.only) else "robustness-variant.json"
+    (args.out / name).write_text(
+        json.dumps(
+            {"summary": summary, "rows": rows, "cpus": os.cpu_count(), "levels": args.levels},
+            indent=1,
+        )
     )
 
 

@@ -29,8 +29,8 @@ from xvr_node.xvr.xray import XrayFrame
 class GateSettings:
     """Thresholds of the gate (config ``registration.quality``)."""
 
-    min_similarity: float = 0.35
-    min_margin: float = 0.02
+    min_similarity: float = 0.915
+    min_margin: float = 0.0
     min_overlap: float = 0.6
     require_convergence: bool = False
     threshold: float = 0.5  # confidence at or above which a result is reliable
@@ -110,14 +110,14 @@ def assess(
         "similarity": _passing(outcome.similarity, settings.min_similarity, 0.1),
         "overlap": _passing(overlap, settings.min_overlap, 0.2),
     }
-    if margin is not None:
+    if margin is not None and settings.min_margin > 0:
         scores["margin"] = _passing(margin, settings.min_margin, max(settings.min_margin, 0.01))
     reasons = []
     if outcome.similarity < settings.min_similarity:
         reasons.append(f"similarity {outcome.similarity:.3f} < {settings.min_similarity:.3f}")
     if overlap < settings.min_overlap:
         reasons.append(f"CT covers {overlap:.0%} of the field < {settings.min_overlap:.0%}")
-    if margin is not None and margin < settings.min_margin:
+    if margin is not None and settings.min_margin > 0 and margin < settings.min_margin:
         reasons.append(f"a different start scores within {margin:.3f} of this one")
     if settings.require_convergence and not did_converge:
         reasons.append("the finest level hit its iteration cap")
