@@ -36,7 +36,7 @@ def test_defaults_load_without_a_file(tmp_path, monkeypatch):
     settings = load_settings(None, environ={})
     assert settings.node.port == 11112
     assert settings.registration.scales is None  # levels_px decide per image
-    assert settings.registration.levels_px == [32, 64]
+    assert settings.registration.levels_px == [32, 64, 128]
     # Built-in relative paths are anchored at the working directory.
     assert settings.storage.root == tmp_path / "var" / "xvr-node"
     assert settings.database_url == f"sqlite:///{tmp_path}/var/xvr-node/catalog.sqlite3"

@@ -420,7 +420,7 @@ class RegistrationSettings(Section):
     """Registering one X-ray: initialise, then refine over detector scales (XVR.md)."""
 
     levels_px: Annotated[list[Annotated[int, Field(ge=8)]], AfterValidator(_growing)] = Field(
-        default_factory=lambda: [32, 64]
+        default_factory=lambda: [32, 64, 128]
     )
     scales: (
         Annotated[list[Annotated[float, Field(ge=1)]], AfterValidator(_coarse_to_fine)] | None

@@ -22,7 +22,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize(
     ("rows", "columns", "factors"),
-    [(512, 512, (16.0, 8.0)), (64, 64, (2.0, 1.0)), (48, 60, (1.5, 1.0)), (32, 32, (1.0,))],
+    [
+        (512, 512, (16.0, 8.0, 4.0)),
+        (128, 96, (3.0, 1.5, 1.0)),
+        (64, 64, (2.0, 1.0)),
+        (32, 32, (1.0,)),
+    ],
 )
 def test_levels_follow_the_image_size(rows, columns, factors):
     intrinsics = Intrinsics(1000.0, rows, columns, 0.5, 0.5)

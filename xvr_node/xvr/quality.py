@@ -2,7 +2,8 @@
 
 No truth is known at run time, so the verdict rests on four observable figures:
 
-* **similarity** at the finest level: a right pose explains the X-ray's structure;
+* **similarity** at a fixed 64-px level (whatever levels refined it): a right pose explains
+  the X-ray's structure;
 * **margin** over the best *distinct* start multi-start found: a clear winner, not a tie
   between two different answers;
 * **overlap**: the fraction of the open field the projected CT covers (a pose that slid the
@@ -23,6 +24,9 @@ import torch
 
 from xvr_node.xvr.register import Outcome, Registrar
 from xvr_node.xvr.xray import XrayFrame
+
+#: The detector size (shorter side, pixels) at which the gate measures similarity.
+GATE_LEVEL_PX = 64
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,17 @@ def field_overlap(registrar: Registrar, frame: XrayFrame, matrix: np.ndarray) ->
     return float((values > 0.05 * level).float().mean())
 
 
+def judged_similarity(registrar: Registrar, frame: XrayFrame, outcome: Outcome) -> float:
+    """The result's similarity at the gate's own level (the shorter side at ``GATE_LEVEL_PX``).
+
+    Similarity grows with coarseness, so the threshold holds only at one resolution: judging
+    there keeps the calibration valid whatever levels the refinement ran.
+    """
+    shorter = min(frame.intrinsics.rows, frame.intrinsics.columns)
+    scale = max(1.0, shorter / GATE_LEVEL_PX)
+    return registrar.score(frame, outcome.final_matrix, scale, outcome.intensity)
+
+
 def converged(outcome: Outcome, cap: int) -> bool:
     """Whether the finest level stopped on its plateaus rather than its iteration cap."""
     if not outcome.trajectory:
@@ -106,15 +121,16 @@ def assess(
     settings = settings or GateSettings()
     overlap = field_overlap(registrar, frame, outcome.final_matrix)
     did_converge = converged(outcome, registrar.settings.max_iterations_per_scale)
+    similarity = judged_similarity(registrar, frame, outcome)
     scores = {
-        "similarity": _passing(outcome.similarity, settings.min_similarity, 0.1),
+        "similarity": _passing(similarity, settings.min_similarity, 0.1),
         "overlap": _passing(overlap, settings.min_overlap, 0.2),
     }
     if margin is not None and settings.min_margin > 0:
         scores["margin"] = _passing(margin, settings.min_margin, max(settings.min_margin, 0.01))
     reasons = []
-    if outcome.similarity < settings.min_similarity:
-        reasons.append(f"similarity {outcome.similarity:.3f} < {settings.min_similarity:.3f}")
+    if similarity < settings.min_similarity:
+        reasons.append(f"similarity {similarity:.3f} < {settings.min_similarity:.3f}")
     if overlap < settings.min_overlap:
         reasons.append(f"CT covers {overlap:.0%} of the field < {settings.min_overlap:.0%}")
     if margin is not None and settings.min_margin > 0 and margin < settings.min_margin:
@@ -130,7 +146,7 @@ def assess(
         reliable=reliable,
         confidence=confidence,
         figures={
-            "similarity": round(outcome.similarity, 5),
+            "similarity": round(similarity, 5),
             "margin": None if margin is None else round(margin, 5),
             "overlap": round(overlap, 4),
             "converged": did_converge,

@@ -42,7 +42,7 @@ class RefineSettings:
     """The refinement schedule (XVR.md "Refine"); every value comes from configuration."""
 
     # Coarse-to-fine levels by the size they reach: the image's shorter side in pixels.
-    levels_px: Sequence[int] = (32, 64)
+    levels_px: Sequence[int] = (32, 64, 128)
     # Explicit detector downsampling factors instead (coarse to fine); None: from levels_px.
     scales: Sequence[float] | None = None
     similarity: str = "robust"  # see xvr_node.xvr.losses.SIMILARITIES
