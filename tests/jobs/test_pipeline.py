@@ -205,7 +205,7 @@ def test_an_unreliable_result_is_recorded_and_reaches_the_pacs_without_its_sro(
                     )
                     return registered == frames and sent_rows == objects
 
-            wait_for(delivered, "unreliable results delivered", node)
+            wait_for(delivered, "unreliable results delivered", node, timeout_s=900.0)
             with sessions() as session:
                 rows = session.scalars(select(Registration)).all()
                 assert {row.reliable for row in rows} == {False}

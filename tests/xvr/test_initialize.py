@@ -280,7 +280,7 @@ def test_cli_register_multistart_records_the_chosen_start(small_phantom, tmp_pat
             "--output",
             str(tmp_path / "out"),
             "--scales",
-            "4",
+            "2,1",
             "--init-matrix",
             str(start),
         ],
