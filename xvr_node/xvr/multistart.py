@@ -129,16 +129,13 @@ def choose_start(
         for index, error in enumerate(perturbations(centre, settings, seed=len(searched_names))):
             searched_names.append(f"{name}~{index}")
             searched.append(error @ named[name])
-    raw = registrar.score_batch(frame, matrices + searched, coarse) if searched else None
-    if searched:
-        order = np.argsort(-raw[len(matrices) :])[: settings.keep]
-        names += [searched_names[i] for i in order]
-        matrices += [searched[i] for i in order]
-    raw_scores = (
-        registrar.score_batch(frame, matrices, coarse)
-        if raw is None
-        else np.concatenate([raw[: len(named)], raw[len(named) :][order]])
-    )
+    # One batched raw score for every candidate; the best searched ones join the named.
+    raw = registrar.score_batch(frame, matrices + searched, coarse)
+    kept = list(range(len(matrices)))
+    kept += [len(matrices) + int(i) for i in np.argsort(-raw[len(matrices) :])[: settings.keep]]
+    names += [searched_names[i - len(named)] for i in kept[len(named) :]]
+    matrices += [searched[i - len(named)] for i in kept[len(named) :]]
+    raw_scores = raw[kept]
     refined = registrar.short_refine(frame, matrices, coarse, settings.iterations)
     final = registrar.score_batch(frame, refined, judge)
     final = np.where(np.isfinite(final), final, -np.inf)
