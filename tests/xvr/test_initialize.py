@@ -26,7 +26,7 @@ from xvr_node.xvr.losses import image_similarity
 from xvr_node.xvr.metrics import mean_target_registration_error
 from xvr_node.xvr.multistart import SearchSettings, choose_start
 from xvr_node.xvr.register import RefineSettings, Registrar
-from xvr_node.xvr.renderer import make_drr, render_matrices
+from xvr_node.xvr.renderer import Projector
 from xvr_node.xvr.train import train
 from xvr_node.xvr.visualize import animate, overlay_png
 from xvr_node.xvr.xray import read_xray_frames
@@ -96,13 +96,9 @@ def test_resampling_follows_the_rays_across_sid_pixel_size_and_principal_point(p
     model = tiny_settings()
     spacing = model.pixel_spacing_mm
     model_detector = Intrinsics(model.sdd_mm, 32, 32, spacing, spacing)
-    seen = render_matrices(make_drr(volume, xray), volume, "PA", xray, matrix)[0, 0].numpy()
-    expected = render_matrices(
-        make_drr(volume, model_detector),
-        volume,
-        "PA",
-        model_detector,
-        reexpress(matrix, xray, model_detector),
+    seen = Projector(volume, xray).render_numpy(matrix)[0, 0].numpy()
+    expected = Projector(volume, model_detector).render_numpy(
+        reexpress(matrix, xray, model_detector)
     )
 
     def similarity(source: Intrinsics) -> float:

@@ -99,3 +99,21 @@ def test_the_gate_passes_a_converged_result_and_fails_a_wrong_one(frame_and_trut
     assert not verdict.reliable
     assert verdict.confidence < 0.5
     assert verdict.reasons and "NOT RELIABLE" in verdict.words()
+
+
+def test_the_gate_distrusts_a_result_a_view_away_from_the_positioner(frame_and_truth):
+    registrar, frame, record = frame_and_truth
+    truth = np.array(record["matrix"])
+    assert frame.carm is not None
+    outcome = registrar.register(frame, truth)
+    near = assess(registrar, frame, outcome, margin=None, settings=GateSettings())
+    distance = near.figures["positioner_distance_mm"]
+    assert near.reliable and 0 < distance < GateSettings().max_positioner_distance_mm
+    # The same result, as it would look had the C-arm's angles described another view.
+    strict = GateSettings(max_positioner_distance_mm=distance / 2)
+    far = assess(registrar, frame, outcome, margin=None, settings=strict)
+    assert not far.reliable
+    assert any("C-arm's angles" in reason for reason in far.reasons)
+    # Off (0), or a file without angles: not checked.
+    off = assess(registrar, frame, outcome, None, GateSettings(max_positioner_distance_mm=0))
+    assert off.reliable

@@ -36,7 +36,7 @@ from xvr_node.phantom.xray import (
     form_image,
     write_xray,
 )
-from xvr_node.xvr.renderer import make_drr, render_matrices
+from xvr_node.xvr.renderer import Projector
 
 __all__ = ["PhantomSpec", "PhantomSummary", "Realism", "build_phantom", "example_ct"]
 
@@ -214,10 +214,9 @@ def build_phantom(
         else:
             key = (run.intrinsics.sid_mm, run.intrinsics.rows, run.intrinsics.columns)
             if key not in drr_cache:
-                drr_cache[key] = make_drr(volume, run.intrinsics, spec.orientation)
-            integrals = render_matrices(
-                drr_cache[key], volume, spec.orientation, run.intrinsics, np.stack(run.matrices)
-            )[:, 0].numpy()
+                # Finely sampled: these images are the truth the registration is held to.
+                drr_cache[key] = Projector(volume, run.intrinsics, step_voxels=0.5)
+            integrals = drr_cache[key].render_numpy(np.stack(run.matrices))[:, 0].numpy()
             frames = [form_image(integral.astype(np.float64), run, rng) for integral in integrals]
         series = "cine" if run.motion else run.modality
         sop_uid = uid_for(f"xray-{index}")

@@ -1,6 +1,6 @@
 """The quality gate: can the node vouch for a registration, from what it can see alone?
 
-No truth is known at run time, so the verdict rests on four observable figures:
+No truth is known at run time, so the verdict rests on five observable figures:
 
 * **similarity** at a fixed 64-px level (whatever levels refined it): a right pose explains
   the X-ray's structure;
@@ -8,7 +8,10 @@ No truth is known at run time, so the verdict rests on four observable figures:
   between two different answers;
 * **overlap**: the fraction of the open field the projected CT covers (a pose that slid the
   CT out of view can still score on a little anatomy);
-* **convergence**: the finest level ended on a plateau, not on its iteration cap.
+* **convergence**: the finest level ended on a plateau, not on its iteration cap;
+* **agreement with the positioner**: how far the result puts anatomy from where the C-arm's
+  own angles put it. Patient positioning errors move it by tens of millimetres; a wrong
+  start that won moves it by a whole view, however well it scores.
 
 Each figure is mapped to [0, 1] against its threshold (1 = comfortably past it); confidence is
 the smallest of them, and a result is reliable when every figure passes. The thresholds are
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from xvr_node.xvr.multistart import pose_distance_mm
 from xvr_node.xvr.register import Outcome, Registrar
 from xvr_node.xvr.xray import XrayFrame
 
@@ -37,6 +41,9 @@ class GateSettings:
     min_margin: float = 0.0
     min_overlap: float = 0.6
     require_convergence: bool = False
+    # Farther than this (mm, points around the CT centre) from the positioner's pose: not
+    # trusted. 0: not checked. Files without positioner angles are not checked either.
+    max_positioner_distance_mm: float = 60.0
     threshold: float = 0.5  # confidence at or above which a result is reliable
 
 
@@ -96,6 +103,14 @@ def judged_similarity(registrar: Registrar, frame: XrayFrame, outcome: Outcome) 
     return registrar.score(frame, outcome.final_matrix, scale, outcome.intensity)
 
 
+def positioner_distance(registrar: Registrar, frame: XrayFrame, matrix: np.ndarray) -> float | None:
+    """How far ``matrix`` puts anatomy from the positioner's pose (None without angles)."""
+    if frame.carm is None:
+        return None
+    centre = np.asarray(registrar.volume.center_lps, dtype=float)
+    return pose_distance_mm(matrix, registrar.dicom_pose(frame), centre)
+
+
 def converged(outcome: Outcome, cap: int) -> bool:
     """Whether the finest level stopped on its plateaus rather than its iteration cap."""
     if not outcome.trajectory:
@@ -135,6 +150,14 @@ def assess(
         reasons.append(f"CT covers {overlap:.0%} of the field < {settings.min_overlap:.0%}")
     if margin is not None and settings.min_margin > 0 and margin < settings.min_margin:
         reasons.append(f"a different start scores within {margin:.3f} of this one")
+    positioner = positioner_distance(registrar, frame, outcome.final_matrix)
+    if positioner is not None and settings.max_positioner_distance_mm > 0:
+        limit = settings.max_positioner_distance_mm
+        scores["positioner"] = _passing(-positioner, -limit, limit / 4)
+        if positioner > limit:
+            reasons.append(
+                f"{positioner:.0f} mm from the view the C-arm's angles describe (> {limit:.0f})"
+            )
     if settings.require_convergence and not did_converge:
         reasons.append("the finest level hit its iteration cap")
         scores["convergence"] = 0.0
@@ -150,6 +173,7 @@ def assess(
             "margin": None if margin is None else round(margin, 5),
             "overlap": round(overlap, 4),
             "converged": did_converge,
+            "positioner_distance_mm": None if positioner is None else round(positioner, 2),
         },
         reasons=reasons,
     )

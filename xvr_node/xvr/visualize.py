@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from xvr_node.ct_volume import CtVolume
 from xvr_node.geometry import Intrinsics
 from xvr_node.xvr.register import downsample_volume
-from xvr_node.xvr.renderer import make_drr, render_matrices
+from xvr_node.xvr.renderer import Projector
 from xvr_node.xvr.xray import XrayFrame, line_integrals, read_xray_frames
 
 #: DRRs for pictures are rendered on at most this many pixels per side, then upsampled:
@@ -58,7 +58,6 @@ def render_views(
     intrinsics: Intrinsics,
     volume: CtVolume,
     matrices: Sequence[np.ndarray],
-    orientation: str = "PA",
     max_side: int = RENDER_SIDE,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
@@ -72,13 +71,8 @@ def render_views(
     pixel_mm = max(detector.row_spacing_mm, detector.column_spacing_mm) / 1.4
     factors = tuple(int(max(1, math.floor(pixel_mm / s))) for s in volume.spacing_mm)
     coarse = downsample_volume(volume, factors)
-    drr = make_drr(coarse, detector, orientation, device=device)
-    stack = np.asarray(matrices, dtype=float).reshape(-1, 4, 4)
-    images = [
-        render_matrices(drr, coarse, orientation, detector, stack[i : i + _CHUNK]).float().cpu()
-        for i in range(0, len(stack), _CHUNK)
-    ]
-    rendered = torch.cat(images)
+    projector = Projector(coarse, intrinsics, (detector.rows, detector.columns), device=device)
+    rendered = projector.render_numpy(np.asarray(matrices, dtype=float)).float().cpu()
     if (detector.rows, detector.columns) != (intrinsics.rows, intrinsics.columns):
         rendered = F.interpolate(
             rendered, size=(intrinsics.rows, intrinsics.columns), mode="bilinear"
@@ -118,7 +112,6 @@ def anatomy_contours(
     intrinsics: Intrinsics,
     volume: CtVolume,
     matrix: np.ndarray,
-    orientation: str = "PA",
     device: str | torch.device = "cpu",
 ) -> dict[str, np.ndarray]:
     """Thin bone and lung outlines of the CT projected at ``matrix``, on the X-ray's grid.
@@ -133,7 +126,7 @@ def anatomy_contours(
     lung = CtVolume(np.where(lung_voxels, 0.0, -1000.0).astype(np.float32), volume.affine_lps)
     contours = {}
     for name, structure, fraction in (("bone", bone, 0.3), ("lung", lung, 0.3)):
-        (drr,) = render_views(intrinsics, structure, [matrix], orientation, device=device)
+        (drr,) = render_views(intrinsics, structure, [matrix], device=device)
         contours[name] = _outline(drr, fraction)
     return contours
 
@@ -161,11 +154,10 @@ def overlay_png(
     volume: CtVolume,
     matrix: np.ndarray,
     path: Path,
-    orientation: str = "PA",
     colour: tuple[int, int, int] = EDGE_COLOUR,
 ) -> Path:
     """Write a PNG of the DRR's edges at ``matrix`` over the X-ray: misregistration at a glance."""
-    (drr,) = render_views(frame.intrinsics, volume, [matrix], orientation)
+    (drr,) = render_views(frame.intrinsics, volume, [matrix])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(compose(windowed(frame), edges(drr), colour)).save(path)
@@ -178,7 +170,6 @@ def animate(
     poses: Sequence[np.ndarray],
     path: Path,
     every: int = 5,
-    orientation: str = "PA",
     duration_ms: int = 80,
     colour: tuple[int, int, int] = EDGE_COLOUR,
 ) -> Path:
@@ -193,7 +184,7 @@ def animate(
     chosen = list(range(0, len(poses), every))
     if chosen[-1] != len(poses) - 1:
         chosen.append(len(poses) - 1)
-    drrs = render_views(frame.intrinsics, volume, [poses[i] for i in chosen], orientation)
+    drrs = render_views(frame.intrinsics, volume, [poses[i] for i in chosen])
     grey = windowed(frame)
     scale = min(1.0, GIF_SIDE / max(grey.shape))
     size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
@@ -230,22 +221,18 @@ def frame_of_result(result: dict) -> XrayFrame:
     raise ValueError(f"{result['file']} has no frame {result.get('frame_number')}")
 
 
-def write_overlays(
-    volume: CtVolume, results: Sequence[Path], orientation: str | None = None
-) -> list[Path]:
+def write_overlays(volume: CtVolume, results: Sequence[Path]) -> list[Path]:
     """An overlay PNG at each result's final matrix, next to the result (same stem)."""
     written = []
     for result_path in results:
         result = json.loads(Path(result_path).read_text())
         frame = frame_of_result(result)
-        chosen = orientation or result.get("conventions", {}).get("orientation", "PA")
         written.append(
             overlay_png(
                 frame,
                 volume,
                 np.array(result["final_matrix"]),
                 Path(result_path).with_suffix(".png"),
-                chosen,
             )
         )
     return written
