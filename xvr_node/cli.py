@@ -454,10 +454,10 @@ def _with_register_options(function):
     return function
 
 
-def _overlays(volume, written: list[Path], orientation: str) -> None:
+def _overlays(volume, written: list[Path]) -> None:
     from xvr_node.xvr.visualize import write_overlays
 
-    for path in write_overlays(volume, written, orientation):
+    for path in write_overlays(volume, written):
         click.echo(f"overlay: {path}")
 
 
@@ -491,7 +491,7 @@ def _register(
     except ValueError as error:  # e.g. no positioner angles, conventions refused
         raise click.ClickException(str(error)) from error
     if overlay:
-        _overlays(volume, written, registrar.orientation)
+        _overlays(volume, written)
     return written
 
 
@@ -817,7 +817,7 @@ def animate_command(
     )
     frame = frame_of_result(data)
     outcome = registrar.register(frame, np.array(data["initial_matrix"]), keep_poses=True)
-    animate(frame, volume, outcome.poses, output, every, orientation)
+    animate(frame, volume, outcome.poses, output, every)
     click.echo(
         f"{output}: {outcome.iterations} iterations, similarity {outcome.similarity:.4f} "
         f"(result: {data.get('similarity', float('nan')):.4f})"
@@ -844,8 +844,19 @@ def _training_options(function):
                 default=None,
                 help="Default: training.iterations (de novo) or finetune_iterations.",
             ),
-            click.option("--device", default="cpu", show_default=True),
+            click.option(
+                "--device",
+                default="auto",
+                show_default=True,
+                help="cpu, cuda, cuda:N or auto; its training.profiles entry applies.",
+            ),
             click.option("--seed", type=int, default=0, show_default=True),
+            click.option(
+                "--budget-minutes",
+                type=click.FloatRange(min=0, min_open=True),
+                default=None,
+                help="Stop training after this long (the run re-plans its iterations to fit).",
+            ),
         ]
     ):
         function = option(function)
@@ -855,16 +866,84 @@ def _training_options(function):
 @cli.command("train")
 @_training_options
 @click.pass_obj
-def train_command(state: CliState, volume_paths, output, iterations, device, seed) -> None:
-    """Train a pose regressor de novo on one or several CTs (training.* settings)."""
+def train_command(
+    state: CliState, volume_paths, output, iterations, device, seed, budget_minutes
+) -> None:
+    """Train a pose regressor de novo on one or several CTs (training.* settings).
+
+    Several CTs make a base model that per-patient finetunes start from.
+    """
     from xvr_node.xvr.train import train
 
-    settings = state.settings()
+    device = _training_device(device)
+    settings = state.settings().training.for_device(device)
     volumes = [_load_volume(p) for p in volume_paths]
-    checkpoint = train(
-        volumes, settings.training, output, iterations=iterations, device=device, seed=seed
+    checkpoint = _with_progress_bar(
+        output,
+        lambda progress: train(
+            volumes,
+            settings,
+            output,
+            iterations=iterations,
+            device=device,
+            seed=seed,
+            progress=progress,
+            budget_s=None if budget_minutes is None else budget_minutes * 60.0,
+        ),
     )
     click.echo(f"checkpoint: {checkpoint}")
+
+
+def _training_device(device: str) -> str:
+    from xvr_node.jobs.worker import resolve_device
+
+    resolved = resolve_device(device)
+    if resolved.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.ClickException(f"--device {device}: no CUDA device is visible")
+    return resolved
+
+
+def _with_progress_bar(output: Path, run) -> Path:
+    """Run ``run(progress)`` under a progress bar (iterations, ETA, loss, validation); then
+    say why training stopped."""
+    from xvr_node.xvr.train import stop_record
+
+    def describe(update) -> str:
+        if update is None:
+            return ""
+        text = f"loss {update.loss:.3f} dgeo {update.dgeo_mm:.0f} mm"
+        if update.validation_mm is not None:
+            text += f" validation {update.validation_mm:.0f} mm"
+        return text
+
+    with click.progressbar(
+        length=1, label="training", show_eta=True, item_show_func=describe, file=sys.stderr
+    ) as bar:
+
+        def progress(update) -> bool:
+            bar.length = update.total
+            bar.update(update.iteration - bar.pos, current_item=update)
+            return True
+
+        try:
+            checkpoint = run(progress)
+        except ValueError as error:  # e.g. a base checkpoint that is none, or other conventions
+            raise click.ClickException(str(error)) from None
+    stopped = stop_record(output) or {}
+    if stopped:
+        click.echo(
+            f"stopped: {stopped['reason']} at iteration {stopped['iteration']} of "
+            f"{stopped['total']} after {stopped['seconds']:.0f} s"
+            + (
+                ""
+                if stopped.get("validation_mm") is None
+                else f", held-out pose error {stopped['validation_mm']:.1f} mm"
+            )
+        )
+    return checkpoint
 
 
 @cli.command("finetune")
@@ -877,25 +956,35 @@ def train_command(state: CliState, volume_paths, output, iterations, device, see
 )
 @click.pass_obj
 def finetune_command(
-    state: CliState, volume_paths, output, iterations, device, seed, base_checkpoint
+    state: CliState,
+    volume_paths,
+    output,
+    iterations,
+    device,
+    seed,
+    budget_minutes,
+    base_checkpoint,
 ) -> None:
     """Finetune a base model on this patient's CT (conventions must match)."""
     from xvr_node.xvr.train import finetune
 
-    settings = state.settings()
+    device = _training_device(device)
+    settings = state.settings().training.for_device(device, finetune=True)
     volumes = [_load_volume(p) for p in volume_paths]
-    try:
-        checkpoint = finetune(
+    checkpoint = _with_progress_bar(
+        output,
+        lambda progress: finetune(
             volumes,
-            settings.training,
+            settings,
             output,
             base_checkpoint,
             iterations=iterations,
             device=device,
             seed=seed,
-        )
-    except ValueError as error:  # e.g. a base checkpoint that is none, or other conventions
-        raise click.ClickException(str(error)) from None
+            progress=progress,
+            budget_s=None if budget_minutes is None else budget_minutes * 60.0,
+        ),
+    )
     click.echo(f"checkpoint: {checkpoint}")
 
 
@@ -903,15 +992,29 @@ def finetune_command(
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--output", required=True, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--iterations", type=int, default=None, help="New total (default: unchanged).")
-@click.option("--device", default="cpu", show_default=True)
-def restart_command(checkpoint: Path, output: Path, iterations, device) -> None:
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--budget-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop training after this long (the run re-plans its iterations to fit).",
+)
+def restart_command(checkpoint: Path, output: Path, iterations, device, budget_minutes) -> None:
     """Resume training exactly where a checkpoint stopped."""
     from xvr_node.xvr.train import restart
 
-    try:
-        resumed = restart(checkpoint, output, iterations=iterations, device=device)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
+    device = _training_device(device)
+    resumed = _with_progress_bar(
+        output,
+        lambda progress: restart(
+            checkpoint,
+            output,
+            iterations=iterations,
+            device=device,
+            progress=progress,
+            budget_s=None if budget_minutes is None else budget_minutes * 60.0,
+        ),
+    )
     click.echo(f"checkpoint: {resumed}")
 
 

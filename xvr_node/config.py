@@ -26,6 +26,7 @@ import ssl
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timedelta
 from datetime import time as Time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -275,6 +276,27 @@ class OvernightWindow(Section):
             return start <= moment < end
         return moment >= start or moment < end
 
+    def seconds_left(self, moment: datetime) -> float | None:
+        """Seconds from ``moment`` (aware, local) to the window's end; None if it never
+        closes, 0 outside it."""
+        if self.start_time == self.end_time:
+            return None
+        if not self.contains(moment.timetz().replace(tzinfo=None)):
+            return 0.0
+        end = moment.replace(
+            hour=self.end_time.hour, minute=self.end_time.minute, second=0, microsecond=0
+        )
+        if end <= moment:
+            end += timedelta(days=1)
+        return (end - moment).total_seconds()
+
+    def next_start(self, moment: datetime) -> datetime:
+        """The window's next opening after ``moment`` (aware, local)."""
+        start = moment.replace(
+            hour=self.start_time.hour, minute=self.start_time.minute, second=0, microsecond=0
+        )
+        return start if start > moment else start + timedelta(days=1)
+
 
 class RetentionSettings(Section):
     """What may be deleted, and when (un-exported results are never purged)."""
@@ -327,6 +349,51 @@ class PoseRanges(Section):
     source_isocenter_sdd_fraction: Range = (0.45, 1.0)
 
 
+def _growing(value: list[int]) -> list[int]:
+    if not value:
+        raise ValueError("needs at least one level")
+    if any(a >= b for a, b in itertools.pairwise(value)):
+        raise ValueError(f"levels must grow coarse to fine (smallest first), got {value}")
+    return value
+
+
+class ModelCheckSettings(Section):
+    """Held-out validation of a trained model (xvr_node.jobs.model_check) and its bar."""
+
+    # Only models that pass start registrations; false: every ready model does (as before).
+    required: bool = True
+    views: PositiveInt = 8
+    size_px: Annotated[int, Field(ge=32)] = 256
+    levels_px: Annotated[list[Annotated[int, Field(ge=8)]], AfterValidator(_growing)] = Field(
+        default_factory=lambda: [32, 64]
+    )
+    max_initial_mtre_mm: Positive = 20.0
+    min_refined_under_2mm: Probability = 0.75
+
+
+class TrainingProfile(Section):
+    """What one kind of device can afford per iteration; overrides the training settings.
+
+    Unset values keep the settings' own. A finetune keeps its base model's network and
+    detector, so only ``batch_size`` applies to it.
+    """
+
+    detector_size_px: PositiveInt | None = None
+    pixel_spacing_mm: Positive | None = None
+    batch_size: PositiveInt | None = None
+    backbone: str | None = None
+
+
+def _default_profiles() -> dict[str, TrainingProfile]:
+    """CPU: a quarter of the pixels (same field of view), a small network, small batches."""
+    return {
+        "cpu": TrainingProfile(
+            detector_size_px=64, pixel_spacing_mm=4.352875, batch_size=16, backbone="resnet10t"
+        ),
+        "cuda": TrainingProfile(),
+    }
+
+
 class TrainingSettings(Section):
     """Pose-regressor training and finetuning (XVR.md, "Training a pose regressor")."""
 
@@ -359,6 +426,29 @@ class TrainingSettings(Section):
     base_model: Path | None = None
     finetune_immediately_when_xray_waiting: bool = True
     finetune_immediately: bool = False
+    # Per-device overrides, by device type (cpu, cuda): see TrainingProfile.
+    profiles: dict[str, TrainingProfile] = Field(default_factory=_default_profiles)
+    # Time budgets: an urgent finetune (an X-ray waits) trains this long at most; others
+    # train until the overnight window closes, and do not start with less than
+    # min_budget_minutes of it left.
+    urgent_budget_minutes: Positive = 30.0
+    min_budget_minutes: Positive = 10.0
+    # Held-out validation: every validate_every iterations (0: never), the median pose error
+    # on validation_views fixed views; validation_patience checks without a 1 % gain stop.
+    validate_every: NonNegativeInt = 100
+    validation_views: PositiveInt = 32
+    validation_patience: PositiveInt = 5
+    model_check: ModelCheckSettings = Field(default_factory=ModelCheckSettings)
+
+    def for_device(self, device: str, finetune: bool = False) -> TrainingSettings:
+        """These settings with the profile of ``device``'s type applied (``cuda:1`` → cuda)."""
+        profile = self.profiles.get(str(device).split(":")[0])
+        if profile is None:
+            return self
+        changes = profile.model_dump(exclude_none=True)
+        if finetune:
+            changes = {key: value for key, value in changes.items() if key == "batch_size"}
+        return self.model_copy(update=changes)
 
 
 class FixedPose(Section):
@@ -389,6 +479,7 @@ class QualityGate(Section):
     min_margin: Annotated[float, Field(ge=0, le=2)] = 0.0
     min_overlap: Probability = 0.6
     require_convergence: bool = False
+    max_positioner_distance_mm: Annotated[float, Field(ge=0)] = 60.0
     threshold: Probability = 0.5
 
 
@@ -397,14 +488,6 @@ def _coarse_to_fine(value: list[float]) -> list[float]:
         raise ValueError("needs at least one scale")
     if any(a < b for a, b in itertools.pairwise(value)):
         raise ValueError(f"divisors must go coarse to fine (largest first), got {value}")
-    return value
-
-
-def _growing(value: list[int]) -> list[int]:
-    if not value:
-        raise ValueError("needs at least one level")
-    if any(a >= b for a, b in itertools.pairwise(value)):
-        raise ValueError(f"levels must grow coarse to fine (smallest first), got {value}")
     return value
 
 
@@ -426,6 +509,10 @@ class RegistrationSettings(Section):
         Annotated[list[Annotated[float, Field(ge=1)]], AfterValidator(_coarse_to_fine)] | None
     ) = None
     similarity: Literal["robust", "mncc_gncc"] = "robust"
+    step_voxels: float = Field(default=1.5, gt=0, le=4)
+    # When a patient's model becomes usable, their X-rays of the last this many hours whose
+    # results were unreliable or did not start from a model are registered again.
+    reregister_hours: Annotated[float, Field(ge=0)] = 24.0
     max_iterations_per_scale: PositiveInt = 500
     beta: Probability = 0.5
     lr_rotation: Positive = 1.0e-2

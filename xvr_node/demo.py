@@ -95,6 +95,7 @@ def demo_environment(output: Path, pacs_port: int, iterations: int | None) -> di
             "XVR_NODE__TRAINING__WARMUP_ITERATIONS": str(max(iterations // 10, 1)),
             "XVR_NODE__TRAINING__LR": "1e-3",
             "XVR_NODE__TRAINING__CHECKPOINT_EVERY": str(max(iterations // 4, 1)),
+            "XVR_NODE__TRAINING__PROFILES": "{}",  # these values on any device
         }
     for key, value in values.items():
         environ.setdefault(key, value)

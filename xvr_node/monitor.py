@@ -24,7 +24,9 @@ from xvr_node.catalog.models import (
     IngestEvent,
     Instance,
     Job,
+    JobKind,
     JobStatus,
+    PoseModel,
     Registration,
     utcnow,
 )
@@ -125,6 +127,31 @@ def collect_metrics(session: Session) -> str:
         m.family(name, "gauge", f"{help_text}, last {RECENT} frames.")
         if values:
             m.sample(name, statistics.median(values))
+
+    m.family("xvr_node_models", "gauge", "Pose models by state and held-out validation.")
+    for state, validated, count in session.execute(
+        select(PoseModel.state, PoseModel.validated, func.count()).group_by(
+            PoseModel.state, PoseModel.validated
+        )
+    ):
+        m.sample("xvr_node_models", count, state=str(state), validated=str(bool(validated)).lower())
+    m.family(
+        "xvr_node_training_progress",
+        "gauge",
+        "Running finetunes: iterations done, planned total and seconds left, by job.",
+    )
+    for job_id, progress in session.execute(
+        select(Job.id, Job.progress).where(
+            Job.kind == JobKind.FINETUNE, Job.status == JobStatus.RUNNING
+        )
+    ):
+        if not progress:
+            continue
+        for field in ("iteration", "total", "eta_s"):
+            if progress.get(field) is not None:
+                m.sample(
+                    "xvr_node_training_progress", progress[field], job=str(job_id), field=field
+                )
 
     m.family("xvr_node_exports", "gauge", "Result objects in the outbox, by state.")
     for status, count in session.execute(

@@ -10,6 +10,8 @@ from sqlalchemy.orm import Session
 from xvr_node.catalog.models import (
     Instance,
     Job,
+    JobKind,
+    ModelState,
     Patient,
     PoseModel,
     Registration,
@@ -20,6 +22,46 @@ from xvr_node.catalog.models import (
 )
 from xvr_node.dicom.receive import CT_SOP_CLASSES
 from xvr_node.xray_geometry import XrayGeometry
+
+
+def _training_progress(session: Session, model: PoseModel) -> dict | None:
+    """The running finetune's last progress record for a model in training, if any."""
+    if model.state != ModelState.TRAINING:
+        return None
+    jobs = session.scalars(
+        select(Job).where(Job.kind == JobKind.FINETUNE, Job.progress.is_not(None))
+    ).all()
+    for job in jobs:
+        if (job.payload or {}).get("model_id") == model.id:
+            return job.progress
+    return None
+
+
+def describe_model(model: dict) -> str:
+    """One line: state, held-out figures and whether the model is used, or its progress."""
+    text = str(model["state"])
+    progress = model.get("training")
+    if progress:
+        eta = progress.get("eta_s")
+        text += f", iteration {progress['iteration']} of {progress['total']}"
+        if eta is not None:
+            text += f", about {eta / 60:.0f} min left"
+        if progress.get("validation_mm") is not None:
+            text += f", held-out pose error {progress['validation_mm']:.1f} mm"
+    figures = model.get("validation")
+    if figures:
+        if "error" in figures:
+            text += f"; check failed ({figures['error']})"
+        else:
+            first = figures.get("initial_mtre_median_mm")
+            text += (
+                f"; held-out X-rays: first pose {'-' if first is None else f'{first:.1f}'} mm"
+                f" (median), {figures['refined_under_2mm']:.0%} under 2 mm refined"
+            )
+        text += "; used" if model.get("validated") else "; NOT used (below the bar)"
+    elif model["state"] == "ready":
+        text += "; not validated, NOT used"
+    return text
 
 
 def collect_status(session: Session) -> dict:
@@ -75,7 +117,14 @@ def collect_status(session: Session) -> dict:
             if x.geometry and x.geometry.get("pixel_spacing_estimated")
         ]
         models = [
-            {"id": m.id, "version": m.version, "state": m.state}
+            {
+                "id": m.id,
+                "version": m.version,
+                "state": m.state,
+                "validated": m.validated,
+                "validation": m.validation,
+                "training": _training_progress(session, m),
+            }
             for m in session.scalars(select(PoseModel).where(PoseModel.patient_id == patient.id))
         ]
         patients.append(
@@ -139,9 +188,8 @@ def format_status(report: dict) -> str:
             )
         for item in xrays.get("estimated_spacing", []):
             lines.append(f"    {item['sop_instance_uid']}: {item['spacing']}")
-        if patient["models"]:
-            models = ", ".join(f"v{m['version']} {m['state']}" for m in patient["models"])
-            lines.append(f"  models: {models}")
+        for model in patient["models"]:
+            lines.append(f"  model v{model['version']}: {describe_model(model)}")
     totals = report["totals"]
     jobs = ", ".join(f"{count} {status}" for status, count in sorted(totals["jobs"].items()))
     lines.append(

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,13 +15,15 @@ from sqlalchemy import select
 from tests.support.training import TINY_TRAINING
 from xvr_node import clock
 from xvr_node.catalog.db import make_engine, session_factory, upgrade
-from xvr_node.catalog.models import Job, JobKind, JobStatus, ModelState, PoseModel
+from xvr_node.catalog.models import Job, JobKind, JobStatus, ModelState, PoseModel, Registration
 from xvr_node.config import load_settings
 from xvr_node.jobs import queue
 from xvr_node.jobs.assemble import queue_stable_series
 from xvr_node.jobs.pipeline import Pipeline
 from xvr_node.jobs.worker import PermanentJobError, Worker
+from xvr_node.monitor import collect_metrics
 from xvr_node.node import make_receiver
+from xvr_node.status import collect_status, format_status
 
 NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 NIGHT = datetime(2026, 11, 24, 23, 0, tzinfo=UTC)  # inside the default overnight window
@@ -230,3 +233,118 @@ def test_a_stopping_worker_requeues_its_finetune_and_another_finishes_it(finetun
     assert iterations_logged(store, sessions) == list(range(1, 9))
     with sessions() as session:
         assert session.get(Job, finetune_id).status == JobStatus.SUCCEEDED
+
+
+def test_a_finetune_that_cannot_fit_the_window_waits_for_the_next_night(finetune_ready):
+    settings, sessions, _store, pipeline, finetune_id = finetune_ready
+    dawn = datetime(2026, 11, 25, 5, 55, tzinfo=UTC)  # 5 minutes before the window closes
+    now = [dawn]
+    worker = Worker(settings, sessions, pipeline.handlers(), clock=lambda: now[0], device="cpu")
+    assert worker.run_one() == finetune_id
+    with sessions() as session:
+        job = session.get(Job, finetune_id)
+        assert job.status == JobStatus.QUEUED and job.attempts == 0
+        assert "min_budget_minutes" in job.error
+        assert job.next_attempt_at.replace(tzinfo=UTC) == datetime(2026, 11, 25, 20, 0, tzinfo=UTC)
+        assert session.scalars(select(PoseModel)).first() is None  # nothing started
+    now[0] = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+    assert worker.run_one() is None  # not in the day
+    now[0] = datetime(2026, 11, 25, 20, 1, tzinfo=UTC)
+    assert worker.run_one() == finetune_id
+    with sessions() as session:
+        job = session.get(Job, finetune_id)
+        assert job.status == JobStatus.SUCCEEDED
+        # It trained within what was left of the night (20:01 → 06:00), and says why it stopped.
+        assert job.result["stopped"]["budget_s"] == pytest.approx(9 * 3600 + 59 * 60)
+        assert job.result["stopped"]["reason"] == "completed"
+        assert job.result["stopped"]["iteration"] == 8
+
+
+def test_an_urgent_finetune_trains_within_its_own_budget(finetune_ready):
+    settings, sessions, _store, pipeline, finetune_id = finetune_ready
+    noon = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+    with sessions() as session:
+        session.get(Job, finetune_id).urgent = True
+        session.commit()
+    worker = Worker(settings, sessions, pipeline.handlers(), clock=lambda: noon, device="cpu")
+    assert worker.run_one() == finetune_id
+    with sessions() as session:
+        stopped = session.get(Job, finetune_id).result["stopped"]
+    assert stopped["budget_s"] == settings.training.urgent_budget_minutes * 60
+
+
+def test_only_a_model_that_passes_its_held_out_check_starts_registrations(finetune_ready):
+    settings, sessions, _store, pipeline, finetune_id = finetune_ready
+    worker = Worker(settings, sessions, pipeline.handlers(), clock=lambda: NIGHT, device="cpu")
+    assert worker.run_one() == finetune_id
+    with sessions() as session:
+        job = session.get(Job, finetune_id)
+        model = session.get(PoseModel, job.result["model_id"])
+        figures = model.validation
+        # Eight iterations on a tiny network: far from the bar, and so recorded.
+        assert figures["views"] == 2 and figures["passes"] is False
+        assert figures["initial_mtre_median_mm"] > settings.training.model_check.max_initial_mtre_mm
+        assert model.validated is False and model.state == ModelState.READY
+        assert job.progress["iteration"] == job.progress["total"] == 8  # its last report
+        status = format_status(collect_status(session))
+        assert "model v1: ready; held-out X-rays: first pose" in status
+        assert "NOT used (below the bar)" in status
+        metrics = collect_metrics(session)
+        assert 'xvr_node_models{state="ready",validated="false"} 1' in metrics
+        context = SimpleNamespace(session=session, device="cpu")
+        assert pipeline._start_model(context, model.volume) == (None, None)
+        model.validated = True  # as if it had passed
+        session.commit()
+        initializer, model_id = pipeline._start_model(context, model.volume)
+        assert model_id == model.id and initializer is not None
+
+
+def test_a_usable_new_model_registers_earlier_xrays_again(tmp_path, small_phantom):
+    """X-rays registered before the model was ready are registered again with it: the new
+    result supersedes the old one and is exported once."""
+    settings = settings_for(
+        tmp_path,
+        **FINETUNE,
+        training__model_check__required="false",  # the tiny model is used as it is
+        training__finetune_immediately_when_xray_waiting="false",
+    )
+    upgrade(settings.database_url)
+    receiver, store = make_receiver(settings)
+    for file in sorted((small_phantom / "ct").glob("*.dcm")):
+        assert receiver.receive(file.read_bytes(), calling_ae="PACS").ok
+    with receiver.sessions() as session:
+        queue_stable_series(session, NIGHT + timedelta(minutes=1), 30.0)
+    pipeline = Pipeline(settings, store, "cpu")
+    now = [NIGHT]
+    worker = Worker(
+        settings, receiver.sessions, pipeline.handlers(), clock=lambda: now[0], device="cpu"
+    )
+    assert worker.run_one() is not None  # assemble; the finetune is queued
+    xray = small_phantom / "xray" / "IMG_000.dcm"
+    assert receiver.receive(xray.read_bytes(), calling_ae="CARM").ok
+    with receiver.sessions() as session:
+        register = session.scalars(select(Job).where(Job.kind == JobKind.REGISTER)).one()
+    assert worker.run_one() == register.id  # a clinician waits: before the finetune
+    with receiver.sessions() as session:
+        (first,) = session.scalars(select(Registration)).all()
+        assert first.model_id is None
+    done = 0
+    while worker.run_one() is not None and done < 10:  # finetune, export, register, export
+        done += 1
+    with receiver.sessions() as session:
+        rows = session.scalars(select(Registration).order_by(Registration.id)).all()
+        model = session.scalars(select(PoseModel)).one()
+        assert len(rows) == 2
+        old, new = rows
+        assert old.superseded_by_id == new.id and new.superseded_by_id is None
+        assert new.model_id == model.id or new.metrics["start_scores"]
+        again = session.scalars(
+            select(Job).where(
+                Job.dedupe_key == f"register:instance:{old.instance_id}:model:{model.id}"
+            )
+        ).one()
+        assert again.status == JobStatus.SUCCEEDED
+        exports = session.scalars(select(Job).where(Job.kind == JobKind.EXPORT)).all()
+        covered = [job.payload["registration_ids"] for job in exports]
+        assert sorted(covered) == [[old.id], [new.id]]  # each result exported once
+        assert all(job.status == JobStatus.SUCCEEDED for job in exports)

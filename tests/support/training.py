@@ -8,4 +8,9 @@ TINY_TRAINING = {
     "training__batch_size": "2",
     "training__gradient_accumulation": "1",
     "training__warmup_iterations": "2",
+    "training__profiles": "{}",  # these values, whatever the device
+    # Two small held-out views: the check runs, in seconds (its figures mean little here).
+    "training__model_check__views": "2",
+    "training__model_check__size_px": "64",
+    "training__model_check__levels_px": "[16, 32]",
 }

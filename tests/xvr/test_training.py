@@ -19,10 +19,16 @@ from xvr_node.xvr.augment import XrayAugmentation
 from xvr_node.xvr.checkpoint import Conventions, load_checkpoint, load_model, training_intrinsics
 from xvr_node.xvr.losses import geodesic_loss, image_similarity
 from xvr_node.xvr.model import PoseRegressor
-from xvr_node.xvr.renderer import make_drr
 from xvr_node.xvr.sampling import ROTATION_SIZE, sample_poses
 from xvr_node.xvr.schedule import WarmupCosine
-from xvr_node.xvr.train import Projector, resample_volume, restart, train
+from xvr_node.xvr.train import (
+    PLAN_AFTER,
+    PoseRenderer,
+    resample_volume,
+    restart,
+    stop_record,
+    train,
+)
 from xvr_node.xvr.warp import read_itk_transform, template_center_ras, template_to_volume
 
 
@@ -57,6 +63,10 @@ def tiny_settings(**changes) -> TrainingSettings:
         "checkpoint_every": 1000,
     }
     return TrainingSettings(**{**values, **changes})
+
+
+def metrics_lines(run_dir: Path) -> list[str]:
+    return (run_dir / "metrics.jsonl").read_text().splitlines()
 
 
 def losses_of(run_dir: Path) -> list[float]:
@@ -152,6 +162,35 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert values[20] == pytest.approx(0.0, abs=1e-9)
 
 
+def diffdrr_reference(volume: CtVolume, intrinsics):
+    """diffdrr's DRR module for ``volume`` in PA, with the node's HU → density mapping."""
+    from diffdrr.data import read
+    from diffdrr.drr import DRR
+    from torchio import ScalarImage
+
+    from xvr_node.xvr.renderer import hu_to_density
+
+    frame = volume.frame("PA")
+    image = ScalarImage(
+        tensor=torch.as_tensor(volume.hu, dtype=torch.float32)[None], affine=volume.affine_ras
+    )
+    subject = read(image, None, orientation="PA")
+    subject.density.set_data(hu_to_density(subject.volume.data))
+    x0, y0 = intrinsics.diffdrr_offsets(frame.reverse_x_axis)
+    return DRR(
+        subject,
+        sdd=intrinsics.sid_mm,
+        height=intrinsics.rows,
+        width=intrinsics.columns,
+        delx=intrinsics.column_spacing_mm,
+        dely=intrinsics.row_spacing_mm,
+        x0=x0,
+        y0=y0,
+        reverse_x_axis=frame.reverse_x_axis,
+        renderer="trilinear",
+    )
+
+
 def test_training_renderer_matches_diffdrr_and_keeps_the_ct_centre(tiny_ct):
     settings = tiny_settings()
     intrinsics = training_intrinsics(settings)
@@ -162,13 +201,106 @@ def test_training_renderer_matches_diffdrr_and_keeps_the_ct_centre(tiny_ct):
     batch = sample_poses(
         tiny_ct, settings.pose_ranges, intrinsics, "PA", 4, torch.Generator().manual_seed(2)
     )
-    projector = Projector(tiny_ct, intrinsics, "PA", samples_per_voxel=2.0)
+    projector = PoseRenderer(tiny_ct, intrinsics, "PA", step_voxels=0.5)
     with torch.no_grad():
-        ours = projector.render(batch.pose, projector.density(1.0))
-        drr = make_drr(tiny_ct, intrinsics, "PA", renderer="trilinear")
-        reference = drr(batch.pose, n_points=2000)
-    error = (ours - reference).abs().mean() / reference.abs().mean()
+        ours = projector.render(batch.pose, projector.density(1.0))[:, 0].numpy()
+    # diffdrr's own trilinear renderer, finely sampled, as the reference (no shared code).
+    with torch.no_grad():
+        drr = diffdrr_reference(tiny_ct, intrinsics)
+        reference = drr(batch.pose, n_points=2000)[:, 0].numpy()
+    error = np.abs(ours - reference).mean() / np.abs(reference).mean()
     assert error < 0.015
+
+
+# --- budgets, validation, device profiles ----------------------------------------------------
+
+
+class SteppingClock:
+    """A monotonic clock that advances ``step`` seconds each time it is read."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_a_budget_replans_the_run_and_stops_it_on_time(tiny_ct, tmp_path):
+    # The loop reads the clock once per iteration: 1 s each, so after timing the first
+    # iterations a 30 s budget affords 27 (90 % of it), not the 10,000 asked for.
+    final = train(
+        [tiny_ct],
+        tiny_settings(validate_every=0),
+        tmp_path,
+        iterations=10_000,
+        budget_s=30.0,
+        clock=SteppingClock(1.0),
+    )
+    stopped = stop_record(tmp_path)
+    assert stopped["reason"] == "completed"
+    assert stopped["iteration"] == stopped["total"] <= 27
+    assert stopped["budget_s"] == 30.0 and final.name == stopped["checkpoint"]
+    assert load_checkpoint(final).iteration == stopped["iteration"]
+
+
+def test_the_budget_is_a_hard_stop_even_when_the_plan_was_too_hopeful(tiny_ct, tmp_path):
+    clock = SteppingClock(0.01)  # fast while the plan is made ...
+
+    def slow_down(update) -> None:
+        if update.iteration == PLAN_AFTER:
+            clock.step = 10.0  # ... then ten times slower than planned
+
+    train(
+        [tiny_ct],
+        tiny_settings(validate_every=0),
+        tmp_path,
+        iterations=200,
+        budget_s=30.0,
+        clock=clock,
+        progress=slow_down,
+    )
+    stopped = stop_record(tmp_path)
+    assert stopped["reason"] == "budget"
+    assert stopped["iteration"] < stopped["total"]
+
+
+def test_validation_that_stops_improving_stops_the_run(tiny_ct, tmp_path):
+    # A learning rate this small leaves the network as it is: validation cannot improve.
+    train(
+        [tiny_ct],
+        tiny_settings(lr=1e-12, validate_every=2, validation_views=4, validation_patience=2),
+        tmp_path,
+        iterations=50,
+        start_at_nominal_view=False,
+    )
+    stopped = stop_record(tmp_path)
+    assert stopped["reason"] == "converged"
+    assert stopped["iteration"] == 6  # best at 2, no gain at 4 and 6
+    figures = [json.loads(line).get("validation_mm") for line in metrics_lines(tmp_path)]
+    assert [f is not None for f in figures] == [(i + 1) % 2 == 0 for i in range(6)]
+    assert stopped["validation_mm"] == pytest.approx(figures[-1], abs=1e-3)
+
+
+def test_a_pose_loss_alone_skips_the_second_render(tiny_ct, tmp_path):
+    train([tiny_ct], tiny_settings(w_ncc=0.0, validate_every=0), tmp_path, iterations=2)
+    records = [json.loads(line) for line in metrics_lines(tmp_path)]
+    assert all(r["mncc"] == 1.0 and r["dgeo_mm"] > 0 for r in records)
+
+
+def test_device_profiles_apply_by_device_type():
+    settings = TrainingSettings()
+    cpu = settings.for_device("cpu")
+    assert (cpu.detector_size_px, cpu.backbone) == (64, "resnet10t")
+    # Same field of view with a quarter of the pixels.
+    assert cpu.detector_size_px * cpu.pixel_spacing_mm == pytest.approx(
+        settings.detector_size_px * settings.pixel_spacing_mm
+    )
+    assert settings.for_device("cuda:1") == settings  # the defaults are the GPU's
+    finetune = settings.for_device("cpu", finetune=True)
+    assert finetune.batch_size == cpu.batch_size
+    assert (finetune.detector_size_px, finetune.backbone) == (128, settings.backbone)
+    assert TrainingSettings(profiles={}).for_device("cpu") == TrainingSettings(profiles={})
 
 
 # --- training, checkpoints, restart -------------------------------------------------------------
@@ -272,8 +404,8 @@ def test_template_warp_maps_template_poses_onto_a_moved_ct(tiny_ct, tmp_path):
     reframe = torch.as_tensor(template_to_volume(moved, moved_from_template, centre)).float()
     in_moved = batch.pose.compose(RigidTransform(reframe))
     with torch.no_grad():
-        a = Projector(tiny_ct, intrinsics, "PA")
-        b = Projector(moved, intrinsics, "PA")
+        a = PoseRenderer(tiny_ct, intrinsics, "PA")
+        b = PoseRenderer(moved, intrinsics, "PA")
         assert torch.allclose(
             a.render(batch.pose, a.density(2.0)), b.render(in_moved, b.density(2.0)), atol=1e-2
         )

@@ -383,6 +383,10 @@ class PoseModel(Base):
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     conventions: Mapped[dict[str, Any]] = mapped_column(default=dict)
     state: Mapped[str] = mapped_column(String(16), default=ModelState.TRAINING)
+    # Figures on held-out X-rays formed independently of the training renderer (see
+    # xvr_node.jobs.model_check), and whether they pass the bar: only then is it used.
+    validation: Mapped[dict[str, Any] | None]
+    validated: Mapped[bool] = mapped_column(default=False, server_default=false())
     created_at: Mapped[datetime] = _created_at()
 
     patient: Mapped[Patient | None] = relationship(back_populates="models")
@@ -420,6 +424,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None]
+    # A long job's latest progress (a finetune: iteration, total, ETA), for status and metrics.
+    progress: Mapped[dict[str, Any] | None]
     # e.g. "assemble:series:42": at most one row per key, whatever its status.
     dedupe_key: Mapped[str | None] = mapped_column(String(255), unique=True)
 

@@ -9,7 +9,10 @@ Each handler queues the next step in the same commit as its own result
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
+from datetime import UTC, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -41,7 +44,12 @@ from xvr_node.jobs.assemble import latest_versions, run_assemble
 from xvr_node.jobs.export import deliver_configured, store_result_objects
 from xvr_node.jobs.register import Registrars, StartPolicy, register_instance
 from xvr_node.jobs.retention import purge_originals
-from xvr_node.jobs.triggers import queue_export, queue_finetune, ready_model
+from xvr_node.jobs.triggers import (
+    queue_export,
+    queue_finetune,
+    queue_reregistrations,
+    ready_model,
+)
 from xvr_node.jobs.worker import Handler, JobContext, JobYielded, PermanentJobError, noop
 from xvr_node.xvr.field import field_of_view
 from xvr_node.xvr.register import RefineSettings
@@ -50,6 +58,29 @@ LOG = logging.getLogger(__name__)
 
 #: Where finetuned models live in the store: models/patient-<id>/v<version>/.
 MODELS_DIR = "models"
+
+
+#: How often a running finetune writes its progress to the catalog.
+PROGRESS_EVERY_S = 10.0
+
+
+def record_progress(context: JobContext, update, budget_s: float | None) -> None:
+    """A finetune's iteration, planned total, ETA and held-out error, on its job row."""
+    with context.worker.sessions() as session:
+        job = session.get(Job, context.job_id)
+        if job is None:
+            return
+        job.progress = {
+            "iteration": update.iteration,
+            "total": update.total,
+            "eta_s": None if not math.isfinite(update.eta_s) else round(update.eta_s, 1),
+            "it_per_s": round(update.it_per_s, 4),
+            "loss": round(update.loss, 5),
+            "validation_mm": update.validation_mm,
+            "budget_s": budget_s,
+            "at": context.now().isoformat(),
+        }
+        session.commit()
 
 
 class Pipeline:
@@ -108,27 +139,35 @@ class Pipeline:
     def finetune(self, context: JobContext) -> dict[str, Any]:
         """Train the patient's model on their CT; yields between steps to urgent work."""
         from xvr_node.ct_volume import CtVolume
-        from xvr_node.xvr.train import restart, train
+        from xvr_node.xvr.train import restart, stop_record, train
 
-        session, training = context.session, self.settings.training
+        session = context.session
         volume = session.get(Volume, context.payload["volume_id"])
         if volume is None or volume.state != VolumeState.USABLE:
             raise PermanentJobError(f"volume {context.payload['volume_id']} is not usable")
+        budget_s = self._training_budget(context)
         model = self._model_row(context, volume)
         run_dir = self.store.root / model.path
         checkpoints = sorted((run_dir / "checkpoints").glob("iter_*.pt"))
         base = model.base_model.path if model.base_model is not None else None
+        training = self.settings.training.for_device(context.device, finetune=base is not None)
         volume_path = self.store.absolute(volume.path)
         session.commit()  # no transaction stays open for the length of the training
         stopped_at: list[int] = []
 
+        reported = [-math.inf]
+
         def progress(update) -> bool:
+            now = time.monotonic()
+            if now - reported[0] >= PROGRESS_EVERY_S or update.iteration == update.total:
+                reported[0] = now
+                record_progress(context, update, budget_s)
             if update.iteration < update.total and context.should_yield():
                 stopped_at.append(update.iteration)
                 return False
             return True
 
-        options = {"device": context.device, "progress": progress}
+        options = {"device": context.device, "progress": progress, "budget_s": budget_s}
         try:
             if checkpoints:  # preempted or interrupted earlier: go on where it stopped
                 final = restart(checkpoints[-1], run_dir, **options)
@@ -150,8 +189,12 @@ class Pipeline:
         if stopped_at:
             reason = "worker stopping" if context.worker.stopping.is_set() else "more urgent job"
             raise JobYielded(f"{reason}; checkpoint at iteration {stopped_at[-1]}")
+        stopped = stop_record(run_dir) or {}
+        validation = self._check_model(final, volume_path, volume.id, context.device)
         model.path = str(PurePosixPath(final.relative_to(self.store.root)))
         model.state = ModelState.READY
+        model.validation = validation
+        model.validated = bool(validation.get("passes"))
         session.execute(
             update(PoseModel)
             .where(
@@ -161,12 +204,70 @@ class Pipeline:
             )
             .values(state=ModelState.SUPERSEDED)
         )
+        if model.validated or not self.settings.training.model_check.required:
+            hours = self.settings.registration.reregister_hours
+            queue_reregistrations(session, model, context.now() - timedelta(hours=hours))
         session.commit()
         LOG.info(
             "model ready",
-            extra={"event": "model_ready", "model": model.id, "version": model.version},
+            extra={
+                "event": "model_ready",
+                "model": model.id,
+                "version": model.version,
+                "stopped": stopped.get("reason"),
+                "iteration": stopped.get("iteration"),
+                "validation_mm": stopped.get("validation_mm"),
+                "validated": model.validated,
+                "initial_mtre_median_mm": validation.get("initial_mtre_median_mm"),
+                "refined_under_2mm": validation.get("refined_under_2mm"),
+            },
         )
-        return {"model_id": model.id, "version": model.version, "checkpoint": model.path}
+        return {
+            "model_id": model.id,
+            "version": model.version,
+            "checkpoint": model.path,
+            "stopped": stopped,
+            "validation": validation,
+        }
+
+    def _check_model(self, checkpoint: Path, volume_path: Path, seed: int, device: str) -> dict:
+        """The model's figures on held-out realistic X-rays of its CT (see model_check)."""
+        from xvr_node.ct_volume import CtVolume
+        from xvr_node.jobs.model_check import check_model
+        from xvr_node.xvr.initialize import ModelInitializer
+
+        settings = self.settings.training.model_check
+        try:
+            initializer = ModelInitializer(checkpoint, device)
+            return check_model(
+                initializer, CtVolume.from_nifti(volume_path), settings, seed, device
+            )
+        except (OSError, ValueError) as error:  # recorded: such a model is never used
+            LOG.warning("model check failed: %s", error, extra={"event": "model_check_failed"})
+            return {"passes": False, "error": str(error)}
+
+    def _training_budget(self, context: JobContext) -> float | None:
+        """Seconds this finetune may train: ``urgent_budget_minutes`` for an urgent job, else
+        what is left of the overnight window (None: it never closes).
+
+        A job with less than ``min_budget_minutes`` left is not started: it is given back to
+        resume when the window next opens.
+        """
+        training, scheduler = self.settings.training, self.settings.scheduler
+        job = context.session.get(Job, context.job_id)
+        if job is not None and job.urgent:
+            return training.urgent_budget_minutes * 60.0
+        now = context.now().astimezone(scheduler.zone)
+        left = scheduler.overnight_window.seconds_left(now)
+        if left is not None and left < training.min_budget_minutes * 60.0:
+            resume = scheduler.overnight_window.next_start(now)
+            raise JobYielded(
+                f"{left / 60:.0f} min left in the overnight window, under "
+                f"training.min_budget_minutes ({training.min_budget_minutes:g}); "
+                f"resumes when it opens",
+                resume_at=resume.astimezone(UTC),
+            )
+        return left
 
     def _model_row(self, context: JobContext, volume: Volume) -> PoseModel:
         """The model this job trains: made on the first attempt, reused when resuming."""
@@ -176,8 +277,8 @@ class Pipeline:
             return model
         from xvr_node.xvr.checkpoint import Conventions
 
-        training = self.settings.training
         base = self._base_model(context)
+        training = self.settings.training.for_device(context.device, finetune=base is not None)
         version = 1 + max(
             session.scalars(
                 select(PoseModel.version).where(PoseModel.patient_id == volume.patient_id)
@@ -267,12 +368,16 @@ class Pipeline:
             return None, None
         session = context.session
         row = ready_model(session, volume.id)
+        if row is not None and not self._usable(row):
+            row = None
         if row is None:
             training = self.settings.training
             if training.finetune_immediately_when_xray_waiting:
                 queue_finetune(session, volume, urgent=True)
                 session.commit()
             row = self._base_model(context) if training.base_model is not None else None
+            if row is not None and not self._usable(row):
+                row = None
         if row is None:
             return None, None
         path = Path(row.path) if row.patient_id is None else self.store.root / row.path
@@ -291,6 +396,18 @@ class Pipeline:
                     self._initializers[row.id] = None
             initializer = self._initializers[row.id]
         return (initializer, row.id) if initializer is not None else (None, None)
+
+    def _usable(self, row: PoseModel) -> bool:
+        """A model starts registrations only when its held-out figures pass the bar (unless
+        ``training.model_check.required`` is off)."""
+        if row.validated or not self.settings.training.model_check.required:
+            return True
+        LOG.info(
+            "model not used as initializer: %s",
+            "not validated" if row.validation is None else "held-out figures below the bar",
+            extra={"event": "model_not_validated", "model": row.id},
+        )
+        return False
 
     def _volume_lock(self, volume_id: int) -> threading.Lock:
         with self._lock:
@@ -481,7 +598,7 @@ class Pipeline:
 
         registrar = self.registrars.for_volume(volume)
         contours = anatomy_contours(
-            result.intrinsics, registrar.volume, result.matrix, registrar.orientation, self.device
+            result.intrinsics, registrar.volume, result.matrix, device=self.device
         )
         view = field_of_view(xray, pixels)
         field = view.outline()

@@ -192,14 +192,16 @@ def release(
     now: datetime,
     payload: dict[str, Any] | None = None,
     reason: str = "",
+    resume_at: datetime | None = None,
 ) -> bool:
-    """Give a job back unfinished (preempted, or the worker is stopping); not an attempt."""
+    """Give a job back unfinished (preempted, the worker is stopping, or it cannot run before
+    ``resume_at``); not an attempt."""
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:
         return False
     values: dict[str, Any] = {
         "status": JobStatus.QUEUED,
-        "next_attempt_at": now,
+        "next_attempt_at": now if resume_at is None else resume_at,
         "attempts": max(job.attempts - 1, 0),
         "lease_owner": None,
         "lease_expires_at": None,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from xvr_node.catalog.models import (
@@ -20,6 +21,7 @@ from xvr_node.catalog.models import (
     JobStatus,
     ModelState,
     PoseModel,
+    Registration,
     Series,
     Study,
     Usability,
@@ -39,6 +41,42 @@ def queue_register(session: Session, instance_id: int) -> Job:
         {"instance_id": instance_id},
         dedupe_key=f"register:instance:{instance_id}",
     )
+
+
+def queue_reregistrations(session: Session, model: PoseModel, since: datetime) -> list[Job]:
+    """A patient's model became usable: X-rays registered since ``since`` whose current
+    result was unreliable or did not start from a model are registered again with it.
+
+    One job per X-ray and model (a second model queues them again); the new results
+    supersede the old ones in the catalog and are exported as new objects.
+    """
+    rows = session.scalars(
+        select(Registration)
+        .join(Instance, Registration.instance_id == Instance.id)
+        .where(
+            Instance.linked_volume_id == model.volume_id,
+            Instance.usability == Usability.USABLE,
+            Registration.superseded_by_id.is_(None),
+            Registration.created_at >= since,
+            or_(Registration.reliable.is_not(True), Registration.model_id.is_(None)),
+        )
+    ).all()
+    jobs = []
+    for instance_id in sorted({row.instance_id for row in rows}):
+        jobs.append(
+            enqueue(
+                session,
+                JobKind.REGISTER,
+                {"instance_id": instance_id, "reason": f"model {model.id} ready"},
+                dedupe_key=f"register:instance:{instance_id}:model:{model.id}",
+            )
+        )
+    if jobs:
+        LOG.info(
+            "registering again with the new model",
+            extra={"event": "reregister", "model": model.id, "instances": len(jobs)},
+        )
+    return jobs
 
 
 def queue_export(session: Session, instance_id: int, registration_ids: Sequence[int]) -> Job:

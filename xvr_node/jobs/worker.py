@@ -31,10 +31,16 @@ LOG = logging.getLogger(__name__)
 class JobYielded(Exception):
     """Raised by a handler that stops early to be resumed later (preempted, or shutdown)."""
 
-    def __init__(self, reason: str, payload: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        payload: dict[str, Any] | None = None,
+        resume_at: datetime | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.payload = payload
+        self.resume_at = resume_at  # None: as soon as a worker is free
 
 
 class PermanentJobError(Exception):
@@ -206,6 +212,7 @@ class Worker:
                     self.clock(),
                     yielded.payload,
                     yielded.reason,
+                    yielded.resume_at,
                 )
             outcome = "yielded" if released else "lease_lost"
             extra["reason"] = yielded.reason

@@ -32,7 +32,7 @@ from xvr_node.xvr.checkpoint import (
 )
 from xvr_node.xvr.losses import geodesic_distance, multiscale_ncc
 from xvr_node.xvr.model import PoseRegressor
-from xvr_node.xvr.renderer import hu_to_density, make_drr
+from xvr_node.xvr.renderer import Projector
 from xvr_node.xvr.sampling import PoseBatch, nominal_pose, sample_poses
 from xvr_node.xvr.schedule import warmup_cosine
 from xvr_node.xvr.warp import template_center_ras, template_to_volume
@@ -44,6 +44,18 @@ FOREGROUND_MM = 5.0
 
 #: Ray samples per chunk when rendering without gradient (about 200 MB of coordinates).
 NO_GRAD_SAMPLES = 1 << 24
+
+#: Seed of the held-out validation views (see ``_Run.validate``).
+VALIDATION_SEED = 20_261_130
+
+#: Iterations timed before a budgeted run plans how many it can afford.
+PLAN_AFTER = 5
+
+#: Share of the budget a plan may fill: checkpoints, validation and a slower machine.
+PLAN_MARGIN = 0.9
+
+#: Where a run records why it stopped (read by the finetune job and ``status``).
+STOP_FILE = "stop.json"
 
 #: Fresh pose batches to draw before concluding that the ranges miss the anatomy.
 MAX_REDRAWS = 20
@@ -67,6 +79,7 @@ class TrainingProgress:
     kept: float
     it_per_s: float
     eta_s: float
+    validation_mm: float | None = None  # last held-out median pose error
 
 
 #: Called after every iteration; returning ``False`` stops training with a checkpoint.
@@ -119,14 +132,13 @@ def resample_volume(volume: CtVolume, voxel_mm: float) -> CtVolume:
     return CtVolume(np.ascontiguousarray(resampled, dtype=np.float32), affine)
 
 
-class Projector:
-    """Fast differentiable DRRs of one CT on the training detector (trilinear ray marching).
+class PoseRenderer:
+    """Differentiable DRRs of one CT on the training detector, for diffdrr poses.
 
-    diffdrr supplies the geometry (detector rays, world → voxel); the line integrals are
-    sampled only between each ray's entry into and exit from the volume, every
-    ``1 / samples_per_voxel`` voxels (the volume is already box-filtered to the rays'
-    resolution), with one ``grid_sample`` call for the whole batch. Values are density·mm,
-    as diffdrr's renderers give; they agree with diffdrr's Siddon to about 2 %.
+    The registration's :class:`~xvr_node.xvr.renderer.Projector` (one ray marcher in the
+    node), fed the exported matrix of each pose. Samples fall every ``step_voxels`` voxels
+    between each ray's entry into the volume and its exit; the volume is already
+    box-filtered to the rays' resolution. Values are density·mm.
     """
 
     def __init__(
@@ -135,68 +147,33 @@ class Projector:
         intrinsics: Intrinsics,
         orientation: str,
         device: str | torch.device = "cpu",
-        samples_per_voxel: float = 0.5,
+        step_voxels: float = 2.0,
     ) -> None:
         self.volume = volume
         self.intrinsics = intrinsics
-        self.drr = make_drr(CtVolume(volume.hu, volume.affine_lps), intrinsics, orientation)
-        self.drr = self.drr.to(device)
-        hu = self.drr.subject.volume.data.squeeze().to(device=device, dtype=torch.float32)
-        # hu_to_density is linear in the bone-contrast factor: keep both parts, mix per step.
-        self._soft = hu_to_density(hu, 1.0).to(device)
-        self._bone = hu_to_density(hu, 2.0).to(device) - self._soft
-        self.dims = torch.tensor(hu.shape, dtype=torch.float32, device=device)
-        self.samples = math.ceil(samples_per_voxel * float(self.dims.norm()))
+        self.projector = Projector(volume, intrinsics, device=device, step_voxels=step_voxels)
+        left, right = volume.frame(orientation).pose_factors(intrinsics)
+        self._left = torch.as_tensor(left, dtype=torch.float32, device=device)
+        self._right = torch.as_tensor(right, dtype=torch.float32, device=device)
 
     def density(self, bone_contrast: float) -> torch.Tensor:
-        """``hu_to_density(hu, bone_contrast)`` of this CT, without redoing the whole mapping."""
-        return torch.add(self._soft, self._bone, alpha=bone_contrast - 1.0)
+        """This CT's density with ``bone_contrast`` (see ``renderer.hu_to_density``)."""
+        return self.projector.density(bone_contrast)
 
     def render(self, pose: RigidTransform, density: torch.Tensor) -> torch.Tensor:
         """Line integrals (B, 1, H, W) through ``density`` for diffdrr poses."""
-        per_view = self.intrinsics.rows * self.intrinsics.columns * self.samples
+        matrices = self._left @ pose.matrix @ self._right
+        per_view = self.intrinsics.rows * self.intrinsics.columns * self.projector.samples
         chunk = max(1, NO_GRAD_SAMPLES // per_view)
-        if torch.is_grad_enabled() or len(pose) <= chunk:
-            return self._render(pose, density)
+        if torch.is_grad_enabled() or len(matrices) <= chunk:
+            return self.projector(matrices, density=density)
         # Without gradient nothing needs to be kept: bound the memory of large batches.
         return torch.cat(
             [
-                self._render(RigidTransform(pose.matrix[i : i + chunk]), density)
-                for i in range(0, len(pose), chunk)
+                self.projector(matrices[i : i + chunk], density=density)
+                for i in range(0, len(matrices), chunk)
             ]
         )
-
-    def _render(self, pose: RigidTransform, density: torch.Tensor) -> torch.Tensor:
-        source_world, target_world = self.drr.detector(pose, None)
-        length_mm = (target_world - source_world).norm(dim=-1)  # (B, N)
-        source = self.drr.affine_inverse(source_world)  # voxel indices, (B, 1, 3)
-        target = self.drr.affine_inverse(target_world)
-        direction = target - source
-        tiny = torch.full_like(direction, 1e-9)
-        safe = torch.where(direction.abs() < 1e-9, torch.copysign(tiny, direction), direction)
-        near = (-0.5 - source) / safe
-        far = (self.dims - 0.5 - source) / safe
-        entry = torch.minimum(near, far).amax(dim=-1).clamp(min=0.0)
-        exit_ = torch.maximum(near, far).amin(dim=-1).clamp(max=1.0)
-        span = (exit_ - entry).clamp(min=0.0)  # (B, N), fraction of source → pixel
-        steps = (
-            torch.arange(self.samples, device=span.device, dtype=span.dtype) + 0.5
-        ) / self.samples
-        alphas = entry[..., None] + span[..., None] * steps  # (B, N, S)
-        # grid_sample's coordinates: voxel i ↦ 2(i + 0.5)/n − 1 (align_corners=False).
-        start = 2.0 * (source + 0.5) / self.dims - 1.0
-        stride = 2.0 * direction / self.dims
-        grid = torch.addcmul(start[:, :, None, :], alphas[..., None], stride[:, :, None, :])
-        batch, rays = span.shape
-        values = F.grid_sample(
-            density.permute(2, 1, 0)[None, None],
-            grid.reshape(1, batch * rays, self.samples, 1, 3),
-            mode="bilinear",
-            padding_mode="zeros",
-            align_corners=False,
-        ).view(batch, rays, self.samples)
-        integral = values.sum(dim=-1) * span * length_mm / self.samples
-        return integral.view(batch, 1, self.intrinsics.rows, self.intrinsics.columns)
 
 
 def foreground_fraction(image: torch.Tensor) -> torch.Tensor:
@@ -281,7 +258,7 @@ class _Run:
         self.device = torch.device(device)
         self.volumes = volumes
         self.projectors = [
-            Projector(v, self.intrinsics, settings.orientation, self.device) for v in volumes
+            PoseRenderer(v, self.intrinsics, settings.orientation, self.device) for v in volumes
         ]
         self.reframes = [
             None
@@ -348,8 +325,11 @@ class _Run:
         reframe = self.reframes[index]
         if reframe is not None:
             predicted = predicted.compose(reframe)  # template world → this CT's world
-        moving = projector.render(predicted, density)
-        mncc = multiscale_ncc(fixed, moving, 9)
+        if settings.w_ncc > 0:
+            moving = projector.render(predicted, density)
+            mncc = multiscale_ncc(fixed, moving, 9)
+        else:  # a pose loss alone needs no second render: half the work per iteration
+            mncc = torch.ones(len(fixed), device=fixed.device)
         rgeo, tgeo, dgeo = geodesic_distance(predicted, batch.pose, settings.sdd_mm)
         per_view = settings.w_ncc * (1.0 - mncc) + settings.w_geo * dgeo
         loss = per_view.mean()
@@ -373,6 +353,46 @@ class _Run:
             "contrast": contrast,
             "volume": index,
         }
+
+    def set_total(self, total: int) -> None:
+        """Plan a different number of iterations; the cosine schedule ends at the new total."""
+        self.total = total
+        accumulation = self.settings.gradient_accumulation
+        self.scheduler.lr_lambdas[0].total_steps = math.ceil(total / accumulation)
+
+    def validate(self, views: int) -> float:
+        """Median pose error (double geodesic, mm) on ``views`` fixed held-out views.
+
+        The views come from their own seeded generator, the same at every call and never
+        drawn by training, so successive figures compare like with like and the training
+        random stream (and with it an exact restart) is untouched.
+        """
+        generator = torch.Generator().manual_seed(VALIDATION_SEED)
+        settings = self.settings
+        errors = []
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for index, projector in enumerate(self.projectors):
+                    batch = sample_poses(
+                        self.volumes[index],
+                        settings.pose_ranges,
+                        self.intrinsics,
+                        settings.orientation,
+                        max(1, views // len(self.projectors)),
+                        generator,
+                        settings.parameterization,
+                        settings.convention,
+                        self.device,
+                    )
+                    images = projector.render(batch.pose, projector.density(1.0))
+                    predicted = self.model(images)
+                    if self.reframes[index] is not None:
+                        predicted = predicted.compose(self.reframes[index])
+                    errors.append(geodesic_distance(predicted, batch.pose, settings.sdd_mm)[2])
+        finally:
+            self.model.train()
+        return float(torch.cat(errors).median())
 
     def checkpoint(self, run_info: dict[str, Any]) -> Checkpoint:
         gradients = [
@@ -422,23 +442,58 @@ def _loop(
     run_info: dict[str, Any],
     progress: ProgressCallback | None,
     log_every: int,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Path:
-    """Iterate to ``run.total``; checkpoint periodically, at the end, and when told to stop."""
+    """Iterate to ``run.total``, within ``budget_s`` seconds and while validation improves.
+
+    With a budget, the first iterations are timed and the run re-planned to the number of
+    iterations the rest of the budget affords (the learning-rate schedule ends there), and
+    it stops at the budget regardless. Every ``validate_every`` iterations the median pose
+    error on held-out views is measured; ``validation_patience`` checks without a 1 %
+    improvement stop it. Checkpoints come periodically, at the end and when told to stop;
+    why it stopped goes to ``stop.json``.
+    """
     settings = run.settings
     checkpoints = out_dir / CHECKPOINT_DIR
     metrics_path = out_dir / METRICS_FILE
-    start_iteration, started = run.iteration, time.monotonic()
+    start_iteration, started = run.iteration, clock()
     window_iteration, window_start = run.iteration, started
     last: Path | None = None
+    reason = "completed"
+    best, stale, validation_mm = math.inf, 0, None
     with metrics_path.open("a") as metrics:
         while run.iteration < run.total:
             record = run.step()
-            now = time.monotonic()
-            record["elapsed_s"] = round(now - started, 4)
+            now = clock()
+            elapsed = now - started
+            done = run.iteration
+            record["elapsed_s"] = round(elapsed, 4)
+            if budget_s is not None and done == start_iteration + PLAN_AFTER:
+                rate = PLAN_AFTER / max(elapsed, 1e-9)
+                affordable = done + int(rate * (budget_s * PLAN_MARGIN - elapsed))
+                if affordable < run.total:
+                    log.info(
+                        "training planned to %d iterations (of %d) to fit %s at %.2f it/s",
+                        max(affordable, done),
+                        run.total,
+                        _format_eta(budget_s),
+                        rate,
+                    )
+                    run.set_total(max(affordable, done))
+            if settings.validate_every and done % settings.validate_every == 0:
+                validation_mm = run.validate(settings.validation_views)
+                record["validation_mm"] = round(validation_mm, 3)
+                if validation_mm < 0.99 * best:
+                    best, stale = validation_mm, 0
+                else:
+                    stale += 1
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            done = run.iteration
-            rate = (done - start_iteration) / max(now - started, 1e-9)
+            rate = (done - start_iteration) / max(elapsed, 1e-9)
+            eta = (run.total - done) / rate if rate > 0 else math.inf
+            if budget_s is not None:
+                eta = min(eta, max(budget_s - elapsed, 0.0))
             update = TrainingProgress(
                 iteration=done,
                 total=run.total,
@@ -448,12 +503,13 @@ def _loop(
                 lr=record["lr"],
                 kept=record["kept"],
                 it_per_s=rate,
-                eta_s=(run.total - done) / rate if rate > 0 else math.inf,
+                eta_s=eta,
+                validation_mm=validation_mm,
             )
             if done % log_every == 0 or done == run.total or done == start_iteration + 1:
                 window_rate = (done - window_iteration) / max(now - window_start, 1e-9)
                 log.info(
-                    "training %d/%d loss %.4f mNCC %.3f dgeo %.1f mm lr %.2e %.2f it/s ETA %s",
+                    "training %d/%d loss %.4f mNCC %.3f dgeo %.1f mm lr %.2e %.2f it/s ETA %s%s",
                     done,
                     run.total,
                     update.loss,
@@ -462,22 +518,46 @@ def _loop(
                     update.lr,
                     window_rate,
                     _format_eta(update.eta_s),
+                    "" if validation_mm is None else f" validation {validation_mm:.1f} mm",
                 )
                 window_iteration, window_start = done, now
             stop = progress is not None and progress(update) is False
+            if stop:
+                reason = "yielded"
+            elif budget_s is not None and elapsed >= budget_s and done < run.total:
+                stop, reason = True, "budget"
+            elif settings.validate_every and stale >= settings.validation_patience:
+                stop, reason = True, "converged"
             if done % settings.checkpoint_every == 0 or done == run.total or stop:
                 last = save_checkpoint(
                     run.checkpoint(run_info), checkpoints / f"iter_{done:06d}.pt"
                 )
                 log.info("checkpoint %s", last)
             if stop:
-                log.info("training stopped at iteration %d of %d", done, run.total)
+                log.info("training stopped at iteration %d of %d: %s", done, run.total, reason)
                 break
     if last is None:  # nothing left to do: the checkpoint we resumed from is final
         last = save_checkpoint(
             run.checkpoint(run_info), checkpoints / f"iter_{run.iteration:06d}.pt"
         )
+    stopped = {
+        "reason": reason,
+        "iteration": run.iteration,
+        "total": run.total,
+        "seconds": round(clock() - started, 1),
+        "budget_s": budget_s,
+        "validation_mm": validation_mm,
+        "best_validation_mm": None if math.isinf(best) else best,
+        "checkpoint": last.name,
+    }
+    (out_dir / STOP_FILE).write_text(json.dumps(stopped, indent=1))
     return last
+
+
+def stop_record(out_dir: Path) -> dict[str, Any] | None:
+    """Why the run in ``out_dir`` last stopped (see :func:`_loop`), or None."""
+    path = Path(out_dir) / STOP_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _build_model(settings: TrainingSettings) -> PoseRegressor:
@@ -519,6 +599,8 @@ def train(
     warps: list[np.ndarray | None] | None = None,
     start_at_nominal_view: bool = True,
     log_every: int = 50,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Path:
     """Train a pose regressor on DRRs of ``volumes``; returns the final checkpoint's path.
 
@@ -530,7 +612,9 @@ def train(
     (see :meth:`PoseRegressor.start_at`) unless ``start_at_nominal_view`` is false.
 
     Progress: a log line every ``log_every`` iterations, ``progress`` after every one (it
-    may return ``False`` to stop with a checkpoint). Metrics go to ``out_dir/metrics.jsonl``,
+    may return ``False`` to stop with a checkpoint). ``budget_s`` bounds the run's time (it
+    re-plans its iterations to fit, see :func:`_loop`), and held-out validation may stop it
+    early; ``stop.json`` says why it stopped. Metrics go to ``out_dir/metrics.jsonl``,
     checkpoints to ``out_dir/checkpoints/`` every ``checkpoint_every`` iterations and at the
     end.
     """
@@ -625,7 +709,7 @@ def train(
         lr,
         device,
     )
-    return _loop(run, out_dir, run_info, progress, log_every)
+    return _loop(run, out_dir, run_info, progress, log_every, budget_s, clock)
 
 
 def finetune(
@@ -648,6 +732,8 @@ def restart(
     progress: ProgressCallback | None = None,
     volumes: list[CtVolume] | None = None,
     log_every: int = 50,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Path:
     """Resume a run from ``checkpoint`` exactly where it stopped; returns the final checkpoint.
 
@@ -682,10 +768,9 @@ def restart(
     )
     run.restore(state)
     if total != state.total_iterations:
-        accumulation = state.settings.gradient_accumulation
-        run.scheduler.lr_lambdas[0].total_steps = math.ceil(total / accumulation)
+        run.set_total(total)
     log.info("restarting at iteration %d of %d from %s", state.iteration, total, checkpoint)
-    return _loop(run, out_dir, info, progress, log_every)
+    return _loop(run, out_dir, info, progress, log_every, budget_s, clock)
 
 
 def measure_throughput(
