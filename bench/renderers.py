@@ -33,12 +33,18 @@ def diffdrr_renderer(volume, intrinsics: Intrinsics, shape: tuple[int, int]):
     from torchio import ScalarImage
 
     rows, columns = shape
+    # The level's detector, its principal point where the full one's falls on the coarser
+    # grid (what the Registrar did with diffdrr).
     detector = Intrinsics(
         intrinsics.sid_mm,
         rows,
         columns,
         intrinsics.row_spacing_mm * intrinsics.rows / rows,
         intrinsics.column_spacing_mm * intrinsics.columns / columns,
+        (
+            (intrinsics.u0 + 0.5) * columns / intrinsics.columns - 0.5,
+            (intrinsics.v0 + 0.5) * rows / intrinsics.rows - 0.5,
+        ),
     )
     frame = volume.frame("PA")
     image = ScalarImage(
@@ -66,8 +72,9 @@ def diffdrr_renderer(volume, intrinsics: Intrinsics, shape: tuple[int, int]):
     )
 
     def render(matrix: torch.Tensor) -> torch.Tensor:
+        # Poses of the full detector's image plane, as the matrices are.
         left, right = (
-            torch.as_tensor(m, dtype=torch.float32) for m in frame.pose_factors(detector)
+            torch.as_tensor(m, dtype=torch.float32) for m in frame.pose_factors(intrinsics)
         )
         pose = torch.linalg.inv(left) @ matrix @ torch.linalg.inv(right)
         return drr(RigidTransform(pose), n_points=points)

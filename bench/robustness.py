@@ -255,6 +255,9 @@ def print_report(rows: list[dict], summary: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds run from here (new ones: held out)"
+    )
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--large-frames", type=int, default=3, help="extra 1024-px frames")
@@ -299,9 +302,10 @@ def main() -> None:
             folders = sorted(p for p in args.phantoms.iterdir() if (p / "truth.json").is_file())
         else:
             work = Path(tempfile.mkdtemp(prefix="bench-robustness-"))
-            specs = [(seed, args.frames, args.size) for seed in range(args.seeds)]
+            first = args.first_seed
+            specs = [(seed, args.frames, args.size) for seed in range(first, first + args.seeds)]
             if args.large_frames:
-                specs.append((args.seeds, args.large_frames, 1024))
+                specs.append((first + args.seeds, args.large_frames, 1024))
             folders = list(pool.map(build, *zip(*specs, strict=True), [work] * len(specs)))
         wanted = set(args.only.split(",")) if args.only else None
         for folder in folders:

@@ -475,7 +475,7 @@ class MultistartSearch(Section):
 class QualityGate(Section):
     """Thresholds below which a result is marked unreliable (calibrated: docs/benchmarks.md)."""
 
-    min_similarity: Annotated[float, Field(ge=-1, le=1)] = 0.915
+    min_similarity: Annotated[float, Field(ge=-1, le=1)] = 0.72
     min_margin: Annotated[float, Field(ge=0, le=2)] = 0.0
     min_overlap: Probability = 0.6
     require_convergence: bool = False

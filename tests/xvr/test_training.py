@@ -231,7 +231,7 @@ def test_a_budget_replans_the_run_and_stops_it_on_time(tiny_ct, tmp_path):
     # iterations a 30 s budget affords 27 (90 % of it), not the 10,000 asked for.
     final = train(
         [tiny_ct],
-        tiny_settings(validate_every=0),
+        tiny_settings(validate_every=0, warmup_iterations=1000),
         tmp_path,
         iterations=10_000,
         budget_s=30.0,
@@ -242,6 +242,10 @@ def test_a_budget_replans_the_run_and_stops_it_on_time(tiny_ct, tmp_path):
     assert stopped["iteration"] == stopped["total"] <= 27
     assert stopped["budget_s"] == 30.0 and final.name == stopped["checkpoint"]
     assert load_checkpoint(final).iteration == stopped["iteration"]
+    # The warm-up shrank with the plan: at most a tenth of it.
+    schedule = load_checkpoint(final).scheduler["lr_lambdas"][0]
+    assert schedule["total_steps"] == stopped["total"]
+    assert schedule["warmup_steps"] <= stopped["total"] // 10
 
 
 def test_the_budget_is_a_hard_stop_even_when_the_plan_was_too_hopeful(tiny_ct, tmp_path):

@@ -2,8 +2,9 @@
 
 No truth is known at run time, so the verdict rests on five observable figures:
 
-* **similarity** at a fixed 64-px level (whatever levels refined it): a right pose explains
-  the X-ray's structure;
+* **similarity** at a fixed 128-px level (the default finest level; whatever levels refined
+  it): a right pose explains the X-ray's structure. Coarser levels are recorded too: on
+  low-contrast views they score right poses as low as wrong ones (docs/benchmarks.md);
 * **margin** over the best *distinct* start multi-start found: a clear winner, not a tie
   between two different answers;
 * **overlap**: the fraction of the open field the projected CT covers (a pose that slid the
@@ -30,14 +31,17 @@ from xvr_node.xvr.register import Outcome, Registrar
 from xvr_node.xvr.xray import XrayFrame
 
 #: The detector size (shorter side, pixels) at which the gate measures similarity.
-GATE_LEVEL_PX = 64
+GATE_LEVEL_PX = 128
+
+#: Coarser levels whose similarity is recorded with each verdict (for calibration only).
+RECORDED_LEVELS_PX = (32, 64)
 
 
 @dataclass(frozen=True)
 class GateSettings:
     """Thresholds of the gate (config ``registration.quality``)."""
 
-    min_similarity: float = 0.915
+    min_similarity: float = 0.72
     min_margin: float = 0.0
     min_overlap: float = 0.6
     require_convergence: bool = False
@@ -98,8 +102,13 @@ def judged_similarity(registrar: Registrar, frame: XrayFrame, outcome: Outcome) 
     Similarity grows with coarseness, so the threshold holds only at one resolution: judging
     there keeps the calibration valid whatever levels the refinement ran.
     """
+    return similarity_at(registrar, frame, outcome, GATE_LEVEL_PX)
+
+
+def similarity_at(registrar: Registrar, frame: XrayFrame, outcome: Outcome, level: int) -> float:
+    """The result's similarity with the image's shorter side brought to ``level`` pixels."""
     shorter = min(frame.intrinsics.rows, frame.intrinsics.columns)
-    scale = max(1.0, shorter / GATE_LEVEL_PX)
+    scale = max(1.0, shorter / level)
     return registrar.score(frame, outcome.final_matrix, scale, outcome.intensity)
 
 
@@ -174,6 +183,10 @@ def assess(
             "overlap": round(overlap, 4),
             "converged": did_converge,
             "positioner_distance_mm": None if positioner is None else round(positioner, 2),
+            **{
+                f"similarity_{level}px": round(similarity_at(registrar, frame, outcome, level), 5)
+                for level in RECORDED_LEVELS_PX
+            },
         },
         reasons=reasons,
     )

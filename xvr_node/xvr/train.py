@@ -355,10 +355,16 @@ class _Run:
         }
 
     def set_total(self, total: int) -> None:
-        """Plan a different number of iterations; the cosine schedule ends at the new total."""
+        """Plan a different number of iterations; the cosine schedule ends at the new total.
+
+        A run cut short keeps its warm-up to at most a tenth of the new total: a budget that
+        affords 300 iterations must not spend them all warming up to the learning rate.
+        """
         self.total = total
         accumulation = self.settings.gradient_accumulation
-        self.scheduler.lr_lambdas[0].total_steps = math.ceil(total / accumulation)
+        schedule = self.scheduler.lr_lambdas[0]
+        schedule.total_steps = math.ceil(total / accumulation)
+        schedule.warmup_steps = min(schedule.warmup_steps, max(1, schedule.total_steps // 10))
 
     def validate(self, views: int) -> float:
         """Median pose error (double geodesic, mm) on ``views`` fixed held-out views.
