@@ -33,19 +33,8 @@ def diffdrr_renderer(volume, intrinsics: Intrinsics, shape: tuple[int, int]):
     from torchio import ScalarImage
 
     rows, columns = shape
-    # The level's detector, its principal point where the full one's falls on the coarser
-    # grid (what the Registrar did with diffdrr).
-    detector = Intrinsics(
-        intrinsics.sid_mm,
-        rows,
-        columns,
-        intrinsics.row_spacing_mm * intrinsics.rows / rows,
-        intrinsics.column_spacing_mm * intrinsics.columns / columns,
-        (
-            (intrinsics.u0 + 0.5) * columns / intrinsics.columns - 0.5,
-            (intrinsics.v0 + 0.5) * rows / intrinsics.rows - 0.5,
-        ),
-    )
+    # The level's detector, as the Registrar placed it for diffdrr.
+    detector = intrinsics.resampled(rows, columns)
     frame = volume.frame("PA")
     image = ScalarImage(
         tensor=torch.as_tensor(volume.hu, dtype=torch.float32)[None], affine=volume.affine_ras

@@ -101,6 +101,21 @@ class Intrinsics:
             [self.u0 * self.column_spacing_mm, self.v0 * self.row_spacing_mm, self.sid_mm]
         )
 
+    def resampled(self, rows: int, columns: int) -> Intrinsics:
+        """The same detector area on ``rows × columns`` pixels: spacing scaled, the principal
+        point where it falls on the coarser grid (pixel centres rescaled about the corners)."""
+        return Intrinsics(
+            self.sid_mm,
+            rows,
+            columns,
+            self.row_spacing_mm * self.rows / rows,
+            self.column_spacing_mm * self.columns / columns,
+            (
+                (self.u0 + 0.5) * columns / self.columns - 0.5,
+                (self.v0 + 0.5) * rows / self.rows - 0.5,
+            ),
+        )
+
     def diffdrr_offsets(self, reverse_x_axis: bool) -> tuple[float, float]:
         """The ``x0, y0`` to pass to ``diffdrr.drr.DRR`` so it renders this principal point.
 

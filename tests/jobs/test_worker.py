@@ -132,12 +132,10 @@ FINETUNE = {
 }
 
 
-@pytest.fixture
-def finetune_ready(tmp_path, small_phantom):
-    """A catalog whose CT is assembled (through the worker) and whose finetune is queued."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    settings = settings_for(tmp_path, **FINETUNE)
+def assembled_ct(tmp_path, small_phantom, clock, **overrides: str):
+    """The phantom's CT received and assembled through a worker (its finetune is queued):
+    settings, receiver, store, pipeline and that worker."""
+    settings = settings_for(tmp_path, **{**FINETUNE, **overrides})
     upgrade(settings.database_url)
     receiver, store = make_receiver(settings)
     for file in sorted((small_phantom / "ct").glob("*.dcm")):
@@ -145,10 +143,17 @@ def finetune_ready(tmp_path, small_phantom):
     with receiver.sessions() as session:
         queue_stable_series(session, NIGHT + timedelta(minutes=1), 30.0)
     pipeline = Pipeline(settings, store, "cpu")
-    worker = Worker(
-        settings, receiver.sessions, pipeline.handlers(), clock=lambda: NIGHT, device="cpu"
-    )
+    worker = Worker(settings, receiver.sessions, pipeline.handlers(), clock=clock, device="cpu")
     assert worker.run_one() is not None  # assemble
+    return settings, receiver, store, pipeline, worker
+
+
+@pytest.fixture
+def finetune_ready(tmp_path, small_phantom):
+    """A catalog whose CT is assembled (through the worker) and whose finetune is queued."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    settings, receiver, store, pipeline, _ = assembled_ct(tmp_path, small_phantom, lambda: NIGHT)
     with receiver.sessions() as session:
         finetune = session.scalars(select(Job).where(Job.kind == JobKind.FINETUNE)).one()
     yield settings, receiver.sessions, store, pipeline, finetune.id
@@ -176,6 +181,7 @@ def run_until(worker: Worker, done, timeout_s: float = 300.0) -> threading.Threa
     return thread
 
 
+@pytest.mark.trains
 def test_a_register_job_preempts_a_finetune_within_one_step(finetune_ready):
     settings, sessions, store, pipeline, finetune_id = finetune_ready
     seen: dict[str, int] = {}
@@ -215,6 +221,7 @@ def test_a_register_job_preempts_a_finetune_within_one_step(finetune_ready):
         assert (store.root / model.path).is_file()
 
 
+@pytest.mark.trains
 def test_a_stopping_worker_requeues_its_finetune_and_another_finishes_it(finetune_ready):
     settings, sessions, store, pipeline, finetune_id = finetune_ready
     first = Worker(settings, sessions, pipeline.handlers(), clock=lambda: NIGHT, device="cpu")
@@ -235,6 +242,7 @@ def test_a_stopping_worker_requeues_its_finetune_and_another_finishes_it(finetun
         assert session.get(Job, finetune_id).status == JobStatus.SUCCEEDED
 
 
+@pytest.mark.trains
 def test_a_finetune_that_cannot_fit_the_window_waits_for_the_next_night(finetune_ready):
     settings, sessions, _store, pipeline, finetune_id = finetune_ready
     dawn = datetime(2026, 11, 25, 5, 55, tzinfo=UTC)  # 5 minutes before the window closes
@@ -260,6 +268,7 @@ def test_a_finetune_that_cannot_fit_the_window_waits_for_the_next_night(finetune
         assert job.result["stopped"]["iteration"] == 8
 
 
+@pytest.mark.trains
 def test_an_urgent_finetune_trains_within_its_own_budget(finetune_ready):
     settings, sessions, _store, pipeline, finetune_id = finetune_ready
     noon = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -273,6 +282,7 @@ def test_an_urgent_finetune_trains_within_its_own_budget(finetune_ready):
     assert stopped["budget_s"] == settings.training.urgent_budget_minutes * 60
 
 
+@pytest.mark.trains
 def test_only_a_model_that_passes_its_held_out_check_starts_registrations(finetune_ready):
     settings, sessions, _store, pipeline, finetune_id = finetune_ready
     worker = Worker(settings, sessions, pipeline.handlers(), clock=lambda: NIGHT, device="cpu")
@@ -299,27 +309,17 @@ def test_only_a_model_that_passes_its_held_out_check_starts_registrations(finetu
         assert model_id == model.id and initializer is not None
 
 
+@pytest.mark.trains
 def test_a_usable_new_model_registers_earlier_xrays_again(tmp_path, small_phantom):
     """X-rays registered before the model was ready are registered again with it: the new
     result supersedes the old one and is exported once."""
-    settings = settings_for(
+    _, receiver, _, _, worker = assembled_ct(
         tmp_path,
-        **FINETUNE,
+        small_phantom,
+        lambda: NIGHT,
         training__model_check__required="false",  # the tiny model is used as it is
         training__finetune_immediately_when_xray_waiting="false",
     )
-    upgrade(settings.database_url)
-    receiver, store = make_receiver(settings)
-    for file in sorted((small_phantom / "ct").glob("*.dcm")):
-        assert receiver.receive(file.read_bytes(), calling_ae="PACS").ok
-    with receiver.sessions() as session:
-        queue_stable_series(session, NIGHT + timedelta(minutes=1), 30.0)
-    pipeline = Pipeline(settings, store, "cpu")
-    now = [NIGHT]
-    worker = Worker(
-        settings, receiver.sessions, pipeline.handlers(), clock=lambda: now[0], device="cpu"
-    )
-    assert worker.run_one() is not None  # assemble; the finetune is queued
     xray = small_phantom / "xray" / "IMG_000.dcm"
     assert receiver.receive(xray.read_bytes(), calling_ae="CARM").ok
     with receiver.sessions() as session:

@@ -35,22 +35,10 @@ _CHUNK = 16
 
 
 def _detector(intrinsics: Intrinsics, max_side: int) -> Intrinsics:
-    """The same field of view on fewer pixels (pixel centres rescaled about the corners)."""
+    """The same field of view on at most ``max_side`` pixels per side."""
     factor = max(1.0, max(intrinsics.rows, intrinsics.columns) / max_side)
-    rows, columns = (
-        max(1, round(intrinsics.rows / factor)),
-        max(1, round(intrinsics.columns / factor)),
-    )
-    return Intrinsics(
-        intrinsics.sid_mm,
-        rows,
-        columns,
-        intrinsics.row_spacing_mm * intrinsics.rows / rows,
-        intrinsics.column_spacing_mm * intrinsics.columns / columns,
-        (
-            (intrinsics.u0 + 0.5) * columns / intrinsics.columns - 0.5,
-            (intrinsics.v0 + 0.5) * rows / intrinsics.rows - 0.5,
-        ),
+    return intrinsics.resampled(
+        max(1, round(intrinsics.rows / factor)), max(1, round(intrinsics.columns / factor))
     )
 
 
