@@ -824,6 +824,18 @@ def animate_command(
     )
 
 
+_budget_option = click.option(
+    "--budget-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop training after this long (the run re-plans its iterations to fit).",
+)
+
+
+def _budget_s(minutes: float | None) -> float | None:
+    return None if minutes is None else minutes * 60.0
+
+
 def _training_options(function):
     for option in reversed(
         [
@@ -851,12 +863,7 @@ def _training_options(function):
                 help="cpu, cuda, cuda:N or auto; its training.profiles entry applies.",
             ),
             click.option("--seed", type=int, default=0, show_default=True),
-            click.option(
-                "--budget-minutes",
-                type=click.FloatRange(min=0, min_open=True),
-                default=None,
-                help="Stop training after this long (the run re-plans its iterations to fit).",
-            ),
+            _budget_option,
         ]
     ):
         function = option(function)
@@ -888,7 +895,7 @@ def train_command(
             device=device,
             seed=seed,
             progress=progress,
-            budget_s=None if budget_minutes is None else budget_minutes * 60.0,
+            budget_s=_budget_s(budget_minutes),
         ),
     )
     click.echo(f"checkpoint: {checkpoint}")
@@ -982,7 +989,7 @@ def finetune_command(
             device=device,
             seed=seed,
             progress=progress,
-            budget_s=None if budget_minutes is None else budget_minutes * 60.0,
+            budget_s=_budget_s(budget_minutes),
         ),
     )
     click.echo(f"checkpoint: {checkpoint}")
@@ -993,12 +1000,7 @@ def finetune_command(
 @click.option("--output", required=True, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--iterations", type=int, default=None, help="New total (default: unchanged).")
 @click.option("--device", default="auto", show_default=True)
-@click.option(
-    "--budget-minutes",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Stop training after this long (the run re-plans its iterations to fit).",
-)
+@_budget_option
 def restart_command(checkpoint: Path, output: Path, iterations, device, budget_minutes) -> None:
     """Resume training exactly where a checkpoint stopped."""
     from xvr_node.xvr.train import restart
@@ -1012,7 +1014,7 @@ def restart_command(checkpoint: Path, output: Path, iterations, device, budget_m
             iterations=iterations,
             device=device,
             progress=progress,
-            budget_s=None if budget_minutes is None else budget_minutes * 60.0,
+            budget_s=_budget_s(budget_minutes),
         ),
     )
     click.echo(f"checkpoint: {resumed}")
