@@ -84,6 +84,31 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path, monkeypatch):
         assert min(picture.size) >= 512
 
 
+def test_by_default_the_demo_adopts_the_shipped_model_after_its_check(tmp_path, monkeypatch):
+    """The morning after: no training; the shipped model, labelled as such, is checked on
+    held-out X-rays and starts the registrations when it passes."""
+    small = PhantomSpec(seed=2, frames=1, columns=64, rows=64, multiframe=2, ct_downsample=4)
+    monkeypatch.setattr(demo, "DEMO_PHANTOM", small)
+    monkeypatch.delenv("XVR_NODE__STORAGE__ROOT", raising=False)
+    monkeypatch.setenv("XVR_NODE__REGISTRATION__SCALES", "[2]")
+    monkeypatch.setenv("XVR_NODE__TRAINING__MODEL_CHECK__VIEWS", "2")
+    monkeypatch.setenv("XVR_NODE__TRAINING__MODEL_CHECK__SIZE_PX", "64")
+    monkeypatch.setenv("XVR_NODE__TRAINING__MODEL_CHECK__LEVELS_PX", "[16, 32]")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["demo", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "takes the patient's model into service" in result.output
+    assert "the morning after: a model trained ahead of time for this phantom patient" in (
+        result.output
+    )
+    assert "model 1 v1: ready (models/patient-1/v1/adopted.pt)" in result.output
+    assert "model check on 2 held-out realistic X-rays: first pose" in result.output
+    assert not (out / "store/models/patient-1/v1/checkpoints").exists()  # nothing trained
+    assert "finetune" not in result.output.split("[5/6]")[1]  # no job trained or failed
+    summary = result.output.split("| n |")[1].splitlines()[2]
+    assert summary.startswith("| 3 |")
+
+
 def test_without_orthanc_the_demo_pacs_is_a_receiving_scp(tmp_path, monkeypatch, phantom_dir):
     """Machines without Orthanc still get a PACS: our SCP files the result objects it receives."""
     monkeypatch.setattr(demo, "find_orthanc", lambda: None)

@@ -1271,10 +1271,16 @@ def phantom_command(outdir: Path, **options) -> None:
     show_default=True,
 )
 @click.option(
+    "--train",
+    is_flag=True,
+    help="Train the patient's model here (20 minutes on CPU, 5 on a GPU) instead of "
+    "adopting the one shipped with the demo.",
+)
+@click.option(
     "--iterations",
     type=click.IntRange(min=1),
     default=None,
-    help="Training budget without a base model (default: 300 on CPU, 3000 on a GPU).",
+    help="Train this many iterations of a small model instead (a quick look at the path).",
 )
 @click.option(
     "--keep-running",
@@ -1282,7 +1288,9 @@ def phantom_command(outdir: Path, **options) -> None:
     help="Leave the node and the PACS running after the table, until Ctrl-C.",
 )
 @click.pass_obj
-def demo_command(state: CliState, output: Path, iterations: int | None, keep_running: bool) -> None:
+def demo_command(
+    state: CliState, output: Path, train: bool, iterations: int | None, keep_running: bool
+) -> None:
     """The main job on embedded defaults: phantom → C-STORE → finetune → register → PACS."""
     from xvr_node.demo import run_demo
 
@@ -1292,6 +1300,7 @@ def demo_command(state: CliState, output: Path, iterations: int | None, keep_run
             output,
             config_path=state.config_path,
             echo=click.echo,
+            train=train,
             iterations=iterations,
             keep_running=keep_running,
         )

@@ -367,28 +367,63 @@ class ModelCheckSettings(Section):
     levels_px: Annotated[list[Annotated[int, Field(ge=8)]], AfterValidator(_growing)] = Field(
         default_factory=lambda: [32, 64]
     )
-    max_initial_mtre_mm: Positive = 20.0
+    max_initial_mtre_mm: Positive = 50.0
     min_refined_under_2mm: Probability = 0.75
 
 
 class TrainingProfile(Section):
-    """What one kind of device can afford per iteration; overrides the training settings.
+    """What one kind of device can afford; overrides the training settings.
 
-    Unset values keep the settings' own. A finetune keeps its base model's network and
-    detector, so only ``batch_size`` applies to it.
+    Unset values keep the settings' own. A finetune keeps its base model's network,
+    detector and learning rates: only :data:`FINETUNE_PROFILE_KEYS` apply to it.
     """
 
     detector_size_px: PositiveInt | None = None
     pixel_spacing_mm: Positive | None = None
     batch_size: PositiveInt | None = None
     backbone: str | None = None
+    lr: Positive | None = None
+    warmup_iterations: NonNegativeInt | None = None
+    gradient_accumulation: PositiveInt | None = None
+    w_ncc: Annotated[float, Field(ge=0)] | None = None
+    w_geo: Annotated[float, Field(ge=0)] | None = None
+    bank_views: NonNegativeInt | None = None
+    bank_reuse: Positive | None = None
+    pose_ranges: PoseRanges | None = None
+
+
+#: Profile values that apply to a finetune too (the rest describe the network it inherits).
+FINETUNE_PROFILE_KEYS = frozenset(
+    {"batch_size", "gradient_accumulation", "w_ncc", "w_geo", "bank_views", "bank_reuse"}
+)
 
 
 def _default_profiles() -> dict[str, TrainingProfile]:
-    """CPU: a quarter of the pixels (same field of view), a small network, small batches."""
+    """CPU: what two cores can learn in an hour (measured in docs/benchmarks.md).
+
+    A quarter of the pixels over the same field of view, a small network, a pose loss
+    alone over a bank of reused views, and the views a C-arm takes around the CT centre.
+    """
     return {
         "cpu": TrainingProfile(
-            detector_size_px=64, pixel_spacing_mm=4.352875, batch_size=16, backbone="resnet10t"
+            detector_size_px=64,
+            pixel_spacing_mm=4.352875,
+            batch_size=64,
+            backbone="resnet10t",
+            lr=1.0e-3,
+            warmup_iterations=200,
+            gradient_accumulation=1,
+            w_ncc=0.0,
+            w_geo=1.0,
+            bank_views=8192,
+            bank_reuse=16.0,
+            pose_ranges=PoseRanges(
+                primary_deg=45.0,
+                secondary_deg=30.0,
+                inplane_deg=10.0,
+                offsets_mm=(50.0, 0.0, 50.0),
+                source_isocenter_sdd_fraction=(0.55, 0.95),
+            ),
         ),
         "cuda": TrainingProfile(),
     }
@@ -421,6 +456,10 @@ class TrainingSettings(Section):
     min_foreground_fraction: Probability = 0.1
     w_ncc: Annotated[float, Field(ge=0)] = 1.0
     w_geo: Annotated[float, Field(ge=0)] = 0.01
+    # Views rendered once and reused (0: every batch rendered afresh); each is shown about
+    # bank_reuse times. Needs w_ncc 0 (see xvr_node/xvr/view_bank.py).
+    bank_views: NonNegativeInt = 0
+    bank_reuse: Positive = 16.0
     pose_ranges: PoseRanges = Field(default_factory=PoseRanges)
     checkpoint_every: PositiveInt = 500
     base_model: Path | None = None
@@ -436,7 +475,7 @@ class TrainingSettings(Section):
     # Held-out validation: every validate_every iterations (0: never), the median pose error
     # on validation_views fixed views; validation_patience checks without a 1 % gain stop.
     validate_every: NonNegativeInt = 100
-    validation_views: PositiveInt = 32
+    validation_views: PositiveInt = 96
     validation_patience: PositiveInt = 5
     model_check: ModelCheckSettings = Field(default_factory=ModelCheckSettings)
 
@@ -445,9 +484,11 @@ class TrainingSettings(Section):
         profile = self.profiles.get(str(device).split(":")[0])
         if profile is None:
             return self
-        changes = profile.model_dump(exclude_none=True)
-        if finetune:
-            changes = {key: value for key, value in changes.items() if key == "batch_size"}
+        changes = {
+            key: getattr(profile, key)  # sections stay models, not dicts
+            for key in profile.model_dump(exclude_none=True)
+            if not finetune or key in FINETUNE_PROFILE_KEYS
+        }
         return self.model_copy(update=changes)
 
 

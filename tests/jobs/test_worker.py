@@ -348,3 +348,32 @@ def test_a_usable_new_model_registers_earlier_xrays_again(tmp_path, small_phanto
         covered = [job.payload["registration_ids"] for job in exports]
         assert sorted(covered) == [[old.id], [new.id]]  # each result exported once
         assert all(job.status == JobStatus.SUCCEEDED for job in exports)
+
+
+def test_an_adopted_model_is_checked_and_replaces_the_queued_finetune(finetune_ready, tmp_path):
+    """A model trained elsewhere for this CT goes through the same check as a finetuned one,
+    and the night's training for that CT is no longer needed."""
+    from xvr_node.catalog.models import Volume
+    from xvr_node.ct_volume import CtVolume
+    from xvr_node.xvr.train import train
+
+    settings, sessions, store, pipeline, finetune_id = finetune_ready
+    with sessions() as session:
+        volume = session.scalars(select(Volume)).one()
+        ct = CtVolume.from_nifti(store.absolute(volume.path))
+        elsewhere = train([ct], settings.training, tmp_path / "elsewhere", iterations=1)
+        not_a_model = tmp_path / "notes.pt"
+        not_a_model.write_text("not a checkpoint")
+        with pytest.raises(ValueError, match="not an xvr-node checkpoint"):
+            pipeline.adopt_model(session, volume, not_a_model, NOON, note="a typo")
+        assert session.scalars(select(PoseModel)).all() == []
+
+        model = pipeline.adopt_model(session, volume, elsewhere, NOON, note="trained on a GPU")
+        assert model.state == ModelState.READY and model.patient_id == volume.patient_id
+        assert (store.root / model.path).is_file() and model.path.endswith("v1/adopted.pt")
+        assert model.validation["adopted"] == "trained on a GPU"
+        assert model.validation["views"] == 2 and "initial_mtre_median_mm" in model.validation
+        assert model.validated is model.validation["passes"]
+        finetune = session.get(Job, finetune_id)
+        assert finetune.status == JobStatus.CANCELLED
+        assert f"model {model.id} was adopted" in finetune.error

@@ -16,7 +16,13 @@ from xvr_node.ct_volume import CtVolume
 from xvr_node.geometry import CarmPose, check_rigid, euler_zxy_pose, rigid, rotation_about
 from xvr_node.phantom import example_ct
 from xvr_node.xvr.augment import XrayAugmentation
-from xvr_node.xvr.checkpoint import Conventions, load_checkpoint, load_model, training_intrinsics
+from xvr_node.xvr.checkpoint import (
+    Conventions,
+    inference_checkpoint,
+    load_checkpoint,
+    load_model,
+    training_intrinsics,
+)
 from xvr_node.xvr.losses import geodesic_loss, image_similarity
 from xvr_node.xvr.model import PoseRegressor
 from xvr_node.xvr.sampling import ROTATION_SIZE, sample_poses
@@ -29,6 +35,7 @@ from xvr_node.xvr.train import (
     stop_record,
     train,
 )
+from xvr_node.xvr.view_bank import CHUNK_VIEWS
 from xvr_node.xvr.warp import read_itk_transform, template_center_ras, template_to_volume
 
 
@@ -252,7 +259,7 @@ def test_the_budget_is_a_hard_stop_even_when_the_plan_was_too_hopeful(tiny_ct, t
     clock = SteppingClock(0.01)  # fast while the plan is made ...
 
     def slow_down(update) -> None:
-        if update.iteration == PLAN_AFTER:
+        if update.iteration == PLAN_AFTER + 1:
             clock.step = 10.0  # ... then ten times slower than planned
 
     train(
@@ -269,13 +276,34 @@ def test_the_budget_is_a_hard_stop_even_when_the_plan_was_too_hopeful(tiny_ct, t
     assert stopped["iteration"] < stopped["total"]
 
 
+def test_a_slow_first_iteration_does_not_shrink_the_plan(tiny_ct, tmp_path):
+    # The first iteration fills a view bank (here: 100 s), the others take 1 s each: the
+    # plan is made from the others, so a 200 s budget affords about 80 iterations, not 10.
+    clock = SteppingClock(100.0)
+
+    def bank_filled(update) -> None:
+        clock.step = 1.0
+
+    train(
+        [tiny_ct],
+        tiny_settings(validate_every=0),
+        tmp_path,
+        iterations=10_000,
+        budget_s=200.0,
+        clock=clock,
+        progress=bank_filled,
+    )
+    stopped = stop_record(tmp_path)
+    assert 75 <= stopped["total"] <= 85 and stopped["reason"] == "completed"
+
+
 def test_validation_that_stops_improving_stops_the_run(tiny_ct, tmp_path):
     # A learning rate this small leaves the network as it is: validation cannot improve.
     train(
         [tiny_ct],
         tiny_settings(lr=1e-12, validate_every=2, validation_views=4, validation_patience=2),
         tmp_path,
-        iterations=50,
+        iterations=12,  # from iteration 6 on, the second half, validation may stop it
         start_at_nominal_view=False,
     )
     stopped = stop_record(tmp_path)
@@ -300,11 +328,63 @@ def test_device_profiles_apply_by_device_type():
     assert cpu.detector_size_px * cpu.pixel_spacing_mm == pytest.approx(
         settings.detector_size_px * settings.pixel_spacing_mm
     )
+    # A pose loss over a bank of reused views, on the narrower ranges a CPU can learn.
+    assert (cpu.w_ncc, cpu.bank_views) == (0.0, 8192)
+    assert cpu.pose_ranges.offsets_mm[0] < settings.pose_ranges.offsets_mm[0]
+    assert isinstance(cpu.pose_ranges, type(settings.pose_ranges))
     assert settings.for_device("cuda:1") == settings  # the defaults are the GPU's
     finetune = settings.for_device("cpu", finetune=True)
-    assert finetune.batch_size == cpu.batch_size
+    assert (finetune.batch_size, finetune.bank_views) == (cpu.batch_size, cpu.bank_views)
     assert (finetune.detector_size_px, finetune.backbone) == (128, settings.backbone)
+    assert finetune.pose_ranges == settings.pose_ranges and finetune.lr == settings.lr
     assert TrainingSettings(profiles={}).for_device("cpu") == TrainingSettings(profiles={})
+
+
+def bank_settings(**changes) -> TrainingSettings:
+    """A bank of two chunks, refreshed every 4 iterations (16 views x 1 use / 4 per batch)."""
+    values = {"w_ncc": 0.0, "bank_views": 32, "bank_reuse": 1.0, "validate_every": 0}
+    return tiny_settings(**{**values, **changes})
+
+
+def test_a_view_bank_is_filled_once_then_refreshed_a_chunk_at_a_time(
+    tiny_ct, tmp_path, monkeypatch
+):
+    calls: list[int] = []
+    original = PoseRenderer.render
+
+    def counting(self, pose, density):
+        calls.append(len(pose.matrix))
+        return original(self, pose, density)
+
+    monkeypatch.setattr(PoseRenderer, "render", counting)
+    final = train([tiny_ct], bank_settings(), tmp_path, iterations=9)
+    # Two chunks to fill, then one at iterations 4 and 8; nothing rendered from predictions.
+    assert len(calls) >= 4 and all(count == CHUNK_VIEWS for count in calls)
+    assert load_checkpoint(final).run["bank_chunks_drawn"] == 4
+    records = [json.loads(line) for line in metrics_lines(tmp_path)]
+    assert all(r["mncc"] == 1.0 and r["dgeo_mm"] > 0 for r in records)
+
+
+def test_a_view_bank_needs_a_pose_loss_alone(tiny_ct, tmp_path):
+    with pytest.raises(ValueError, match="w_ncc: 0"):
+        train([tiny_ct], bank_settings(w_ncc=1.0), tmp_path, iterations=1)
+
+
+def test_a_restarted_run_renders_the_same_bank_again(tiny_ct, tmp_path):
+    settings = bank_settings()
+    straight = train([tiny_ct], settings, tmp_path / "straight", iterations=7, seed=4)
+    stopped = train(
+        [tiny_ct],
+        settings,
+        tmp_path / "a",
+        iterations=7,
+        seed=4,
+        progress=lambda update: update.iteration < 5,  # after the first refresh
+    )
+    resumed = restart(stopped, tmp_path / "b")
+    assert np.allclose(losses_of(tmp_path / "b"), losses_of(tmp_path / "straight")[5:], atol=1e-5)
+    ours, theirs = load_checkpoint(resumed).model, load_checkpoint(straight).model
+    assert all(torch.allclose(ours[key], theirs[key], atol=1e-6) for key in theirs)
 
 
 # --- training, checkpoints, restart -------------------------------------------------------------
@@ -343,6 +423,19 @@ def test_restart_continues_exactly_like_an_uninterrupted_run(tiny_ct, tmp_path):
     assert np.allclose(second, first[3:], atol=1e-5)
     ours, theirs = load_checkpoint(resumed).model, load_checkpoint(straight).model
     assert all(torch.allclose(ours[key], theirs[key], atol=1e-6) for key in theirs)
+
+
+def test_an_inference_checkpoint_keeps_the_predictions_and_drops_the_rest(tiny_ct, tmp_path):
+    final = train([tiny_ct], tiny_settings(), tmp_path / "run", iterations=2)
+    slim = inference_checkpoint(final, tmp_path / "slim.pt", {"summary": "two iterations"})
+    state = load_checkpoint(slim)
+    assert state.optimizer is None and state.rng is None and state.gradients is None
+    assert state.run["provenance"] == {"summary": "two iterations"}
+    assert slim.stat().st_size < 0.5 * final.stat().st_size
+    image = torch.rand(3, 1, 32, 32)
+    ours = state.build_model().predict_pose(image).matrix
+    theirs = load_checkpoint(final).build_model().predict_pose(image).matrix
+    assert torch.allclose(ours, theirs, atol=0.05 * float(theirs.abs().max()))
 
 
 def test_checkpoint_records_conventions_and_refuses_mismatched_base(tiny_ct, tmp_path):

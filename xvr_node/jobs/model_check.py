@@ -49,15 +49,23 @@ class HeldOutView:
 
     frame: XrayFrame
     matrix: np.ndarray
+    carm: CarmPose  # the true view
 
 
 def held_out_views(
-    volume: CtVolume, settings: ModelCheckSettings, seed: int
+    volume: CtVolume,
+    settings: ModelCheckSettings,
+    seed: int,
+    *,
+    primary_deg: float = 40.0,
+    secondary_deg: float = 20.0,
+    offset_mm: float = 20.0,
 ) -> tuple[list[HeldOutView], np.ndarray]:
     """Realistic X-rays of ``volume`` at random clinical C-arm views, and the mTRE targets.
 
     Views: primary ±40°, secondary ±20°, source 62–78 % of a 980–1200 mm SID from a point
-    within ±20 mm of the CT centre. Storage and field (circle, rectangle, open) vary per view.
+    within ±20 mm of the CT centre (each axis; the ranges are arguments). Storage and field
+    (circle, rectangle, open) vary per view.
     """
     rng = np.random.default_rng([seed, 5])
     realism = Realism.from_preset("full")
@@ -69,10 +77,10 @@ def held_out_views(
     for index in range(settings.views):
         sid = float(rng.uniform(980.0, 1200.0))
         intrinsics = Intrinsics(sid, size, size, DETECTOR_MM / size, DETECTOR_MM / size)
-        centre = np.asarray(volume.center_lps) + rng.uniform(-20.0, 20.0, 3)
+        centre = np.asarray(volume.center_lps) + rng.uniform(-offset_mm, offset_mm, 3)
         pose = CarmPose(
-            float(rng.uniform(-40.0, 40.0)),
-            float(rng.uniform(-20.0, 20.0)),
+            float(rng.uniform(-primary_deg, primary_deg)),
+            float(rng.uniform(-secondary_deg, secondary_deg)),
             sid * float(rng.uniform(0.62, 0.78)),
             tuple(centre),
         )
@@ -95,7 +103,7 @@ def held_out_views(
             mask=mask,
             field_sources=("truth",),
         )
-        views.append(HeldOutView(frame, matrix))
+        views.append(HeldOutView(frame, matrix, pose))
     ijk = np.argwhere(volume.hu > -300.0)
     points = volume.voxel_to_lps(ijk)
     inside = points[np.all(np.abs(points - volume.center_lps) < TARGET_HALF_EXTENT_MM, axis=1)]

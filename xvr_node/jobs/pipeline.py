@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import threading
 import time
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,11 +22,13 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from xvr_node import __version__
 from xvr_node.catalog.models import (
     Instance,
     Job,
+    JobStatus,
     ModelState,
     PoseModel,
     Registration,
@@ -190,10 +193,84 @@ class Pipeline:
             reason = "worker stopping" if context.worker.stopping.is_set() else "more urgent job"
             raise JobYielded(f"{reason}; checkpoint at iteration {stopped_at[-1]}")
         stopped = stop_record(run_dir) or {}
-        validation = self._check_model(final, volume_path, volume.id, context.device)
         model.path = str(PurePosixPath(final.relative_to(self.store.root)))
+        validation = self._put_in_service(
+            session, model, volume_path, context.device, context.now(), stopped=stopped
+        )
+        return {
+            "model_id": model.id,
+            "version": model.version,
+            "checkpoint": model.path,
+            "stopped": stopped,
+            "validation": validation,
+        }
+
+    def adopt_model(
+        self, session: Session, volume: Volume, checkpoint: Path, now: datetime, note: str
+    ) -> PoseModel:
+        """Take into service a model trained elsewhere for this CT (another machine, the demo).
+
+        It is copied into the store as the patient's next version and checked on held-out
+        X-rays exactly like a finetuned model: it starts registrations only if it passes.
+        The CT's queued finetune is cancelled (a running one goes on and supersedes it).
+        ``note`` says where the model comes from; it is kept with its figures.
+        """
+        from xvr_node.xvr.checkpoint import load_checkpoint
+
+        if volume.state != VolumeState.USABLE:
+            raise ValueError(f"volume {volume.id} is {volume.state}, not usable")
+        state = load_checkpoint(Path(checkpoint))  # refuses what is not a checkpoint
+        version = 1 + max(
+            session.scalars(
+                select(PoseModel.version).where(PoseModel.patient_id == volume.patient_id)
+            ).all(),
+            default=0,
+        )
+        relative = PurePosixPath(MODELS_DIR, f"patient-{volume.patient_id}", f"v{version}")
+        target = self.store.root / relative / "adopted.pt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(checkpoint, target)
+        model = PoseModel(
+            patient_id=volume.patient_id,
+            volume_id=volume.id,
+            version=version,
+            path=str(relative / "adopted.pt"),
+            config=state.settings.model_dump(mode="json"),
+            conventions=state.conventions.to_json(),
+            state=ModelState.TRAINING,
+        )
+        session.add(model)
+        session.flush()
+        for job in session.scalars(
+            select(Job).where(
+                Job.dedupe_key == f"finetune:volume:{volume.id}", Job.status == JobStatus.QUEUED
+            )
+        ):
+            job.status, job.finished_at = JobStatus.CANCELLED, now
+            job.error = f"not needed: model {model.id} was adopted for this CT ({note})"
+        session.commit()
+        volume_path = self.store.absolute(volume.path)
+        self._put_in_service(session, model, volume_path, self.device, now, adopted=note)
+        return model
+
+    def _put_in_service(
+        self,
+        session: Session,
+        model: PoseModel,
+        volume_path: Path,
+        device: str,
+        now: datetime,
+        *,
+        stopped: dict | None = None,
+        adopted: str | None = None,
+    ) -> dict:
+        """Check a new model on held-out X-rays, make it the patient's current one, and
+        register again what it may improve if it passes; returns its figures."""
+        validation = self._check_model(
+            self.store.root / model.path, volume_path, model.volume_id or 0, device
+        )
         model.state = ModelState.READY
-        model.validation = validation
+        model.validation = validation if adopted is None else {**validation, "adopted": adopted}
         model.validated = bool(validation.get("passes"))
         session.execute(
             update(PoseModel)
@@ -206,14 +283,16 @@ class Pipeline:
         )
         if model.validated or not self.settings.training.model_check.required:
             hours = self.settings.registration.reregister_hours
-            queue_reregistrations(session, model, context.now() - timedelta(hours=hours))
+            queue_reregistrations(session, model, now - timedelta(hours=hours))
         session.commit()
+        stopped = stopped or {}
         LOG.info(
             "model ready",
             extra={
                 "event": "model_ready",
                 "model": model.id,
                 "version": model.version,
+                "adopted": adopted,
                 "stopped": stopped.get("reason"),
                 "iteration": stopped.get("iteration"),
                 "validation_mm": stopped.get("validation_mm"),
@@ -222,13 +301,7 @@ class Pipeline:
                 "refined_under_2mm": validation.get("refined_under_2mm"),
             },
         )
-        return {
-            "model_id": model.id,
-            "version": model.version,
-            "checkpoint": model.path,
-            "stopped": stopped,
-            "validation": validation,
-        }
+        return validation
 
     def _check_model(self, checkpoint: Path, volume_path: Path, seed: int, device: str) -> dict:
         """The model's figures on held-out realistic X-rays of its CT (see model_check)."""

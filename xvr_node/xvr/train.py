@@ -35,6 +35,7 @@ from xvr_node.xvr.model import PoseRegressor
 from xvr_node.xvr.renderer import Projector
 from xvr_node.xvr.sampling import PoseBatch, nominal_pose, sample_poses
 from xvr_node.xvr.schedule import warmup_cosine
+from xvr_node.xvr.view_bank import Chunk, ViewBank, refresh_interval
 from xvr_node.xvr.warp import template_center_ras, template_to_volume
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,13 @@ class _Run:
         device: str | torch.device,
         generator: torch.Generator,
         reframes: list[np.ndarray | None],
+        seed: int = 0,
     ) -> None:
+        if settings.bank_views and settings.w_ncc > 0:
+            raise ValueError(
+                "training.bank_views needs a pose loss alone (w_ncc: 0): the image loss "
+                "renders each prediction, which a bank of stored views cannot"
+            )
         self.settings = settings
         self.conventions = Conventions.from_settings(settings)
         self.intrinsics = training_intrinsics(settings)
@@ -279,12 +286,25 @@ class _Run:
         self.generator = generator
         self.augment = XrayAugmentation(settings.augmentation_probability)
         self.iteration = 0
+        self.bank = (
+            ViewBank(self._render_chunk, settings.bank_views, seed, self.device)
+            if settings.bank_views
+            else None
+        )
+        self.refresh_every = refresh_interval(settings.batch_size, settings.bank_reuse)
+        self._reframe_stack = torch.stack(
+            [torch.eye(4, device=self.device) if r is None else r.matrix[0] for r in self.reframes]
+        )
 
     def _uniform(self, low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=self.generator))
 
     def _sample_views(
-        self, index: int, density: torch.Tensor
+        self,
+        index: int,
+        density: torch.Tensor,
+        count: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[PoseBatch, torch.Tensor, float]:
         """Views with enough anatomy, redrawing whole batches when none qualifies."""
         settings = self.settings
@@ -295,8 +315,8 @@ class _Run:
                 settings.pose_ranges,
                 self.intrinsics,
                 settings.orientation,
-                settings.batch_size,
-                self.generator,
+                count or settings.batch_size,
+                generator or self.generator,
                 settings.parameterization,
                 settings.convention,
                 self.device,
@@ -312,25 +332,44 @@ class _Run:
             "anatomy: are training.pose_ranges (offsets, distances) right for this CT?"
         )
 
-    def step(self) -> dict[str, float]:
-        """One iteration: render, augment, predict, re-render with gradient, back-propagate."""
+    def _render_chunk(self, count: int, generator: torch.Generator) -> Chunk:
+        """``count`` views of one volume at one bone contrast, for the view bank."""
+        index = int(torch.randint(len(self.projectors), (), generator=generator))
+        low, high = self.settings.contrast_range
+        contrast = low + (high - low) * float(torch.rand((), generator=generator))
+        density = self.projectors[index].density(contrast)
+        poses, images, have = [], [], 0
+        while have < count:
+            batch, rendered, _ = self._sample_views(index, density, count, generator)
+            poses.append(batch.pose.matrix)
+            images.append(rendered)
+            have += len(rendered)
+        return Chunk(torch.cat(images)[:count], torch.cat(poses)[:count], index)
+
+    def step(self) -> dict[str, Any]:
+        """One iteration: views (rendered or from the bank), augment, predict, back-propagate."""
         settings = self.settings
-        index = int(torch.randint(len(self.projectors), (), generator=self.generator))
-        contrast = self._uniform(*settings.contrast_range)
-        projector = self.projectors[index]
-        density = projector.density(contrast)
-        batch, fixed, kept = self._sample_views(index, density)
-        inputs = self.augment(fixed, self.generator)
-        predicted = self.model(inputs)
-        reframe = self.reframes[index]
-        if reframe is not None:
-            predicted = predicted.compose(reframe)  # template world → this CT's world
-        if settings.w_ncc > 0:
-            moving = projector.render(predicted, density)
-            mncc = multiscale_ncc(fixed, moving, 9)
-        else:  # a pose loss alone needs no second render: half the work per iteration
+        if self.bank is not None:
+            fixed, true, predicted = self._bank_prediction()
             mncc = torch.ones(len(fixed), device=fixed.device)
-        rgeo, tgeo, dgeo = geodesic_distance(predicted, batch.pose, settings.sdd_mm)
+            kept, contrast, index = 1.0, None, None  # each view has its own, in the bank
+        else:
+            index = int(torch.randint(len(self.projectors), (), generator=self.generator))
+            contrast = self._uniform(*settings.contrast_range)
+            projector = self.projectors[index]
+            density = projector.density(contrast)
+            batch, fixed, kept = self._sample_views(index, density)
+            true = batch.pose
+            predicted = self.model(self.augment(fixed, self.generator))
+            reframe = self.reframes[index]
+            if reframe is not None:
+                predicted = predicted.compose(reframe)  # template world → this CT's world
+            if settings.w_ncc > 0:
+                moving = projector.render(predicted, density)
+                mncc = multiscale_ncc(fixed, moving, 9)
+            else:  # a pose loss alone needs no second render: half the work per iteration
+                mncc = torch.ones(len(fixed), device=fixed.device)
+        rgeo, tgeo, dgeo = geodesic_distance(predicted, true, settings.sdd_mm)
         per_view = settings.w_ncc * (1.0 - mncc) + settings.w_geo * dgeo
         loss = per_view.mean()
         (loss / settings.gradient_accumulation).backward()
@@ -353,6 +392,20 @@ class _Run:
             "contrast": contrast,
             "volume": index,
         }
+
+    def _bank_prediction(self) -> tuple[torch.Tensor, RigidTransform, RigidTransform]:
+        """Views from the bank (filled on first use, refreshed on schedule), and predictions."""
+        bank = self.bank
+        assert bank is not None
+        if bank.drawn == 0:
+            bank.fill()
+        elif self.iteration % self.refresh_every == 0:
+            bank.refresh()
+        views = bank.sample(self.settings.batch_size, self.generator)
+        predicted = self.model(self.augment(views.images, self.generator))
+        if any(r is not None for r in self.reframes):  # template world → each view's CT world
+            predicted = predicted.compose(RigidTransform(self._reframe_stack[views.volumes]))
+        return views.images, RigidTransform(views.poses), predicted
 
     def set_total(self, total: int) -> None:
         """Plan a different number of iterations; the cosine schedule ends at the new total.
@@ -415,7 +468,12 @@ class _Run:
             scheduler=self.scheduler.state_dict(),
             gradients=gradients,
             rng=_rng_state(self.generator),
-            run={**run_info, "lr": self.lr, "warmup_iterations": self.warmup},
+            run={
+                **run_info,
+                "lr": self.lr,
+                "warmup_iterations": self.warmup,
+                "bank_chunks_drawn": None if self.bank is None else self.bank.drawn,
+            },
         )
 
     def restore(self, checkpoint: Checkpoint) -> None:
@@ -432,6 +490,9 @@ class _Run:
         if checkpoint.rng is not None:
             _restore_rng(checkpoint.rng, self.generator)
         self.iteration = checkpoint.iteration
+        drawn = checkpoint.run.get("bank_chunks_drawn")
+        if self.bank is not None and drawn:
+            self.bank.restore(drawn)
 
 
 def _format_eta(seconds: float) -> str:
@@ -453,17 +514,19 @@ def _loop(
 ) -> Path:
     """Iterate to ``run.total``, within ``budget_s`` seconds and while validation improves.
 
-    With a budget, the first iterations are timed and the run re-planned to the number of
-    iterations the rest of the budget affords (the learning-rate schedule ends there), and
-    it stops at the budget regardless. Every ``validate_every`` iterations the median pose
-    error on held-out views is measured; ``validation_patience`` checks without a 1 %
-    improvement stop it. Checkpoints come periodically, at the end and when told to stop;
-    why it stopped goes to ``stop.json``.
+    With a budget, the iterations after the first (which may fill a view bank) are timed and
+    the run re-planned to the number of iterations the rest of the budget affords (the
+    learning-rate schedule ends there), and it stops at the budget regardless. Every
+    ``validate_every`` iterations the median pose error on held-out views is measured;
+    ``validation_patience`` checks without a 1 % improvement stop it in its second half
+    (a CPU run's held-out figure swings by ±20 % early on). Checkpoints come
+    periodically, at the end and when told to stop; why it stopped goes to ``stop.json``.
     """
     settings = run.settings
     checkpoints = out_dir / CHECKPOINT_DIR
     metrics_path = out_dir / METRICS_FILE
     start_iteration, started = run.iteration, clock()
+    first_done = started
     window_iteration, window_start = run.iteration, started
     last: Path | None = None
     reason = "completed"
@@ -475,8 +538,10 @@ def _loop(
             elapsed = now - started
             done = run.iteration
             record["elapsed_s"] = round(elapsed, 4)
-            if budget_s is not None and done == start_iteration + PLAN_AFTER:
-                rate = PLAN_AFTER / max(elapsed, 1e-9)
+            if done == start_iteration + 1:
+                first_done = now  # the first iteration carries one-off costs (a view bank)
+            if budget_s is not None and done == start_iteration + 1 + PLAN_AFTER:
+                rate = PLAN_AFTER / max(now - first_done, 1e-9)
                 affordable = done + int(rate * (budget_s * PLAN_MARGIN - elapsed))
                 if affordable < run.total:
                     log.info(
@@ -532,7 +597,11 @@ def _loop(
                 reason = "yielded"
             elif budget_s is not None and elapsed >= budget_s and done < run.total:
                 stop, reason = True, "budget"
-            elif settings.validate_every and stale >= settings.validation_patience:
+            elif (
+                settings.validate_every
+                and stale >= settings.validation_patience
+                and done >= run.total // 2  # early on, a noisy figure is no verdict
+            ):
                 stop, reason = True, "converged"
             if done % settings.checkpoint_every == 0 or done == run.total or stop:
                 last = save_checkpoint(
@@ -679,6 +748,7 @@ def train(
         device=device,
         generator=generator,
         reframes=reframes,
+        seed=seed,
     )
     saved = [
         _save_volume(v, out_dir / VOLUME_DIR / f"volume_{i:03d}.npz")
@@ -771,6 +841,7 @@ def restart(
         device=device,
         generator=generator,
         reframes=reframes or [None] * len(volumes),
+        seed=info.get("seed", 0),
     )
     run.restore(state)
     if total != state.total_iterations:
