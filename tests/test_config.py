@@ -372,3 +372,13 @@ def test_systemd_unit_passes_systemd_analyze(name, tmp_path):
         if re.search(r"Unknown (key|section)|Failed to parse|Invalid|[Mm]issing '='", line)
     ]
     assert complaints == []
+
+
+def test_an_empty_mapping_in_the_environment_empties_the_files_mapping(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("training:\n  profiles:\n    cpu:\n      batch_size: 3\n")
+    kept = load_settings(config, environ={"XVR_NODE__TRAINING__PROFILES__CPU__LR": "0.1"})
+    assert (kept.training.profiles["cpu"].batch_size, kept.training.profiles["cpu"].lr) == (3, 0.1)
+    emptied = load_settings(config, environ={"XVR_NODE__TRAINING__PROFILES": "{}"})
+    assert emptied.training.profiles == {}
+    assert emptied.training.for_device("cpu") == emptied.training

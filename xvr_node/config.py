@@ -875,9 +875,13 @@ def _apply_environment(
 
 
 def _merge(parent: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``parent[key]``; a mapping is merged into a mapping already there, key by key."""
+    """Set ``parent[key]``; a mapping is merged into a mapping already there, key by key.
+
+    An empty mapping replaces it: ``XVR_NODE__TRAINING__PROFILES={}`` means no profiles,
+    not "no change" to the file's.
+    """
     current = parent.get(key)
-    if isinstance(value, dict) and isinstance(current, dict):
+    if isinstance(value, dict) and value and isinstance(current, dict):
         for child_key, child_value in value.items():
             _merge(current, child_key, child_value)
     else:
