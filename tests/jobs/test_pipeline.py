@@ -193,6 +193,8 @@ def test_an_unreliable_result_is_recorded_and_reaches_the_pacs_without_its_sro(
             "registration__initializers": "[dicom, fixed]",
             "registration__multistart_search": "{samples: 4, keep: 1, iterations: 5}",
             "registration__quality__min_similarity": "1.0",
+            # Wrong results are the point here: no need to refine them for long.
+            "registration__max_iterations_per_scale": "40",
             "destinations": pacs_destination(orthanc),
         }
         with running_node(tmp_path / "node", **overrides) as node:

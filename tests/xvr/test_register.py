@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from tests.support.training import TINY_TRAINING
 from xvr_node.cli import cli
 from xvr_node.dicom.volume import assemble_volume, read_series_files
 from xvr_node.geometry import check_rigid, rigid, rotation_about
@@ -155,14 +156,8 @@ def test_downsampled_volume_keeps_its_geometry(setup):
 
 
 def test_cli_train_then_restart(small_phantom, tmp_path):
-    env = {
-        "XVR_NODE__TRAINING__BACKBONE": "resnet10t",
-        "XVR_NODE__TRAINING__DETECTOR_SIZE_PX": "32",
-        "XVR_NODE__TRAINING__PIXEL_SPACING_MM": str(2.1764375 * 4),
-        "XVR_NODE__TRAINING__BATCH_SIZE": "2",
-        "XVR_NODE__TRAINING__WARMUP_ITERATIONS": "1",
-        "XVR_NODE__TRAINING__GRADIENT_ACCUMULATION": "1",
-    }
+    # The tiny settings on every device: config.yaml's cpu profile would train a real model.
+    env = {f"XVR_NODE__{key.upper()}": value for key, value in TINY_TRAINING.items()}
     runner = CliRunner()
     trained = runner.invoke(
         cli,
