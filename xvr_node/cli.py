@@ -1020,6 +1020,47 @@ def restart_command(checkpoint: Path, output: Path, iterations, device, budget_m
     click.echo(f"checkpoint: {resumed}")
 
 
+@cli.command("adopt")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--volume", "volume_id", type=int, required=True, help="The CT volume it was trained for."
+)
+@click.option("--note", default=None, help="Where it comes from (default: the file's name).")
+@click.option("--device", default=None, help="Device of the check (default: worker.device).")
+@click.pass_obj
+def adopt_command(
+    state: CliState, checkpoint: Path, volume_id: int, note: str | None, device: str | None
+) -> None:
+    """Take a model trained elsewhere (a GPU machine) into service for a CT.
+
+    It is stored as the patient's next model and checked on held-out X-rays like a finetuned
+    one; it starts registrations only if it passes, and the CT's queued finetune is cancelled.
+    """
+    from xvr_node.catalog.models import Volume, utcnow
+    from xvr_node.dicom.storage import FileStore
+    from xvr_node.jobs.pipeline import Pipeline
+    from xvr_node.jobs.worker import resolve_device
+    from xvr_node.status import describe_model
+
+    with _catalog(state) as (settings, session):
+        volume = session.get(Volume, volume_id)
+        if volume is None:
+            raise click.ClickException(f"adopt: no volume {volume_id} (see `xvr-node status`)")
+        store = FileStore(settings.storage_root, settings.storage.min_free_bytes)
+        pipeline = Pipeline(settings, store, resolve_device(device or settings.worker.device))
+        click.echo(f"checking {checkpoint.name} on held-out X-rays of volume {volume_id} ...")
+        try:
+            model = pipeline.adopt_model(
+                session, volume, checkpoint, utcnow(), note=note or f"adopted: {checkpoint.name}"
+            )
+        except ValueError as error:
+            raise click.ClickException(f"adopt: {error}") from None
+        line = describe_model(
+            {"state": model.state, "validation": model.validation, "validated": model.validated}
+        )
+        click.echo(f"model {model.id} v{model.version} ({model.path}): {line}")
+
+
 @cli.command("evaluate")
 @click.argument("results", type=click.Path(exists=True, path_type=Path))
 @click.argument("truth", type=click.Path(exists=True, dir_okay=False, path_type=Path))

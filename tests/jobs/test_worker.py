@@ -10,12 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from click.testing import CliRunner
 from sqlalchemy import select
 
 from tests.support.training import TINY_TRAINING
 from xvr_node import clock
 from xvr_node.catalog.db import make_engine, session_factory, upgrade
 from xvr_node.catalog.models import Job, JobKind, JobStatus, ModelState, PoseModel, Registration
+from xvr_node.cli import cli
 from xvr_node.config import load_settings
 from xvr_node.jobs import queue
 from xvr_node.jobs.assemble import queue_stable_series
@@ -377,3 +379,29 @@ def test_an_adopted_model_is_checked_and_replaces_the_queued_finetune(finetune_r
         finetune = session.get(Job, finetune_id)
         assert finetune.status == JobStatus.CANCELLED
         assert f"model {model.id} was adopted" in finetune.error
+        # A newer model below the bar does not take a validated one out of service.
+        model.validated = True  # as if it had passed
+        session.commit()
+        worse = pipeline.adopt_model(session, volume, elsewhere, NOON, note="a worse one")
+        assert worse.version == 2 and worse.validated is False
+        session.refresh(model)
+        assert model.state == ModelState.READY  # not superseded
+        context = SimpleNamespace(session=session, device="cpu")
+        assert pipeline._start_model(context, volume)[1] == model.id
+        assert "NOT used (below the bar)" in format_status(collect_status(session))
+        volume_id = volume.id
+
+    # The same from the command line, with its refusals in one line each.
+    environ = {"XVR_NODE__STORAGE__ROOT": str(tmp_path / "store")}
+    environ |= {f"XVR_NODE__{key.upper()}": value for key, value in FINETUNE.items()}
+    runner = CliRunner()
+    adopted = runner.invoke(
+        cli, ["adopt", str(elsewhere), "--volume", str(volume_id), "--note", "GPU box"], env=environ
+    )
+    assert adopted.exit_code == 0, adopted.output
+    assert "model 3 v3 (models/patient-1/v3/adopted.pt): ready; held-out X-rays" in adopted.output
+    missing = runner.invoke(cli, ["adopt", str(elsewhere), "--volume", "999"], env=environ)
+    assert missing.exit_code == 1 and "adopt: no volume 999" in missing.output
+    wrong = runner.invoke(cli, ["adopt", str(not_a_model), "--volume", "1"], env=environ)
+    assert wrong.exit_code == 1 and "not an xvr-node checkpoint" in wrong.output
+    assert "Traceback" not in missing.output + wrong.output

@@ -272,16 +272,18 @@ class Pipeline:
         model.state = ModelState.READY
         model.validation = validation if adopted is None else {**validation, "adopted": adopted}
         model.validated = bool(validation.get("passes"))
-        session.execute(
-            update(PoseModel)
-            .where(
-                PoseModel.patient_id == model.patient_id,
-                PoseModel.state == ModelState.READY,
-                PoseModel.id != model.id,
-            )
-            .values(state=ModelState.SUPERSEDED)
-        )
         if model.validated or not self.settings.training.model_check.required:
+            # Only a model that may be used replaces the patient's earlier ones: one below
+            # the bar leaves a validated predecessor in service (see ready_model).
+            session.execute(
+                update(PoseModel)
+                .where(
+                    PoseModel.patient_id == model.patient_id,
+                    PoseModel.state == ModelState.READY,
+                    PoseModel.id != model.id,
+                )
+                .values(state=ModelState.SUPERSEDED)
+            )
             hours = self.settings.registration.reregister_hours
             queue_reregistrations(session, model, now - timedelta(hours=hours))
         session.commit()

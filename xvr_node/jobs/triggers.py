@@ -129,11 +129,15 @@ def queue_finetune(session: Session, volume: Volume, urgent: bool) -> Job:
 
 
 def ready_model(session: Session, volume_id: int) -> PoseModel | None:
-    """The newest ready model finetuned on this volume."""
+    """The newest validated ready model of this volume, else the newest ready one.
+
+    A newer model below the bar stays ready (its figures are shown) next to the validated
+    one it did not replace.
+    """
     return session.scalars(
         select(PoseModel)
         .where(PoseModel.volume_id == volume_id, PoseModel.state == ModelState.READY)
-        .order_by(PoseModel.version.desc())
+        .order_by(PoseModel.validated.desc(), PoseModel.version.desc())
     ).first()
 
 
