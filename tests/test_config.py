@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from xvr_node.cli import cli
-from xvr_node.config import ConfigError, Settings, check_config, load_settings
+from xvr_node.config import ConfigError, Settings, TrainingSettings, check_config, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 TOP_LEVEL_CONFIG = REPO / "config.yaml"
@@ -382,3 +382,19 @@ def test_an_empty_mapping_in_the_environment_empties_the_files_mapping(tmp_path)
     emptied = load_settings(config, environ={"XVR_NODE__TRAINING__PROFILES": "{}"})
     assert emptied.training.profiles == {}
     assert emptied.training.for_device("cpu") == emptied.training
+
+
+def test_a_profile_given_in_part_keeps_the_built_in_values_of_the_other_keys(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "training:\n  profiles:\n    cpu:\n      lr: 0.01\n      backbone: null\n"
+        "    mps:\n      batch_size: 8\n"
+    )
+    profiles = load_settings(config, environ={}).training.profiles
+    built_in = TrainingSettings().profiles
+    assert profiles["cpu"].lr == 0.01
+    assert profiles["cpu"].backbone is None  # null: the training value, as written
+    assert profiles["cpu"].detector_size_px == built_in["cpu"].detector_size_px == 64
+    assert profiles["cpu"].pose_ranges == built_in["cpu"].pose_ranges
+    assert profiles["cuda"] == built_in["cuda"]  # not named: as built in
+    assert profiles["mps"].batch_size == 8 and profiles["mps"].lr is None  # a new device

@@ -476,6 +476,23 @@ class TrainingSettings(Section):
     finetune_immediately: bool = False
     # Per-device overrides, by device type (cpu, cuda): see TrainingProfile.
     profiles: dict[str, TrainingProfile] = Field(default_factory=_default_profiles)
+
+    @field_validator("profiles", mode="before")
+    @classmethod
+    def _complete_profiles(cls, value: Any) -> Any:
+        """Profiles given in part keep the built-in values of what they do not name
+        (``profiles: {cpu: {lr: 0.01}}`` changes the CPU's learning rate, not its network,
+        and keeps the GPU's profile). A key given as null means "the value above"; an empty
+        mapping means no profiles at all."""
+        if not isinstance(value, dict) or not value:
+            return value
+        defaults = _default_profiles()
+        completed: dict[str, Any] = dict(defaults)
+        for device, given in value.items():
+            if isinstance(given, dict) and device in defaults:
+                given = defaults[device].model_dump(exclude_unset=True) | given
+            completed[device] = given
+        return completed
     # Time budgets: an urgent finetune (an X-ray waits) trains this long at most; others
     # train until the overnight window closes, and do not start with less than
     # min_budget_minutes of it left.
