@@ -476,6 +476,17 @@ class TrainingSettings(Section):
     finetune_immediately: bool = False
     # Per-device overrides, by device type (cpu, cuda): see TrainingProfile.
     profiles: dict[str, TrainingProfile] = Field(default_factory=_default_profiles)
+    # Time budgets: an urgent finetune (an X-ray waits) trains this long at most; others
+    # train until the overnight window closes, and do not start with less than
+    # min_budget_minutes of it left.
+    urgent_budget_minutes: Positive = 30.0
+    min_budget_minutes: Positive = 10.0
+    # Held-out validation: every validate_every iterations (0: never), the median pose error
+    # on validation_views fixed views; validation_patience checks without a 1 % gain stop.
+    validate_every: NonNegativeInt = 100
+    validation_views: PositiveInt = 96
+    validation_patience: PositiveInt = 5
+    model_check: ModelCheckSettings = Field(default_factory=ModelCheckSettings)
 
     @field_validator("profiles", mode="before")
     @classmethod
@@ -493,17 +504,6 @@ class TrainingSettings(Section):
                 given = defaults[device].model_dump(exclude_unset=True) | given
             completed[device] = given
         return completed
-    # Time budgets: an urgent finetune (an X-ray waits) trains this long at most; others
-    # train until the overnight window closes, and do not start with less than
-    # min_budget_minutes of it left.
-    urgent_budget_minutes: Positive = 30.0
-    min_budget_minutes: Positive = 10.0
-    # Held-out validation: every validate_every iterations (0: never), the median pose error
-    # on validation_views fixed views; validation_patience checks without a 1 % gain stop.
-    validate_every: NonNegativeInt = 100
-    validation_views: PositiveInt = 96
-    validation_patience: PositiveInt = 5
-    model_check: ModelCheckSettings = Field(default_factory=ModelCheckSettings)
 
     def for_device(self, device: str, finetune: bool = False) -> TrainingSettings:
         """These settings with the profile of ``device``'s type applied (``cuda:1`` → cuda)."""

@@ -345,7 +345,7 @@ def _wait_for_model(session: Session, node: Node, deadline: float, echo: Echo) -
                     f"      training: iteration {record['iteration']}, pose error "
                     f"{record['dgeo_mm']:.0f} mm, {record['elapsed_s']:.0f} s"
                 )
-            else:  # the view bank and the held-out views are rendered before iteration 1
+            elif last_line == 0.0:  # the bank and held-out views come before iteration 1
                 echo("      training: rendering its first views (a few minutes on a CPU) ...")
             last_line = time.monotonic()
         time.sleep(1.0)
