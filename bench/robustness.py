@@ -275,6 +275,13 @@ def main() -> None:
     parser.add_argument(
         "--levels", help="registration.levels_px for this run, e.g. 32,64,128 (default: config)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION__KEY=VALUE",
+        help="a configuration value for this run, e.g. registration__patience=5 (repeatable)",
+    )
     parser.add_argument("--phantoms", type=Path, help="reuse the phantoms of an earlier run")
     parser.add_argument(
         "--only", help="comma-separated PHANTOM/FILE to run, e.g. seed1-512px/IMG_002"
@@ -305,6 +312,9 @@ def main() -> None:
         return
 
     environ = {"XVR_NODE__REGISTRATION__LEVELS_PX": f"[{args.levels}]"} if args.levels else {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        environ[f"XVR_NODE__{key.upper()}"] = value
     offset = tuple(float(x) for x in args.start_offset.split(",")) if args.start_offset else None
     jobs: list[tuple[str, int]] = []
     with ProcessPoolExecutor(args.workers) as pool:
@@ -348,7 +358,7 @@ def main() -> None:
     name = "robustness.json"
     if args.start_offset:
         name = "robustness-offset-starts.json"
-    elif args.levels or args.only:
+    elif args.levels or args.only or args.set:
         name = "robustness-variant.json"
     if args.device != "cpu":
         name = name.replace(".json", f"-{args.device.replace(':', '')}.json")
@@ -359,6 +369,7 @@ def main() -> None:
                 "rows": rows,
                 "cpus": os.cpu_count(),
                 "levels": args.levels,
+                "set": args.set,
                 "start_offset": args.start_offset,
                 "device": args.device,
             },
