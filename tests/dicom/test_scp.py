@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.support.node import acknowledged_files, echoscu, running_node, storescu
+from tests.support.training import TINY_TRAINING
 from xvr_node.catalog.db import make_engine, session_factory
 from xvr_node.catalog.models import (
     IngestEvent,
@@ -35,9 +36,18 @@ def dataset_bytes(path: Path) -> bytes:
     return raw[meta_end:]
 
 
+#: This module is about receiving: the jobs its files start are kept short, so that they do
+#: not load the machine under its tests and the node stops at once at the end.
+QUICK_JOBS = {
+    **TINY_TRAINING,
+    "registration__levels_px": "[16]",
+    "registration__max_iterations_per_scale": "20",
+}
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    with running_node(tmp_path_factory.mktemp("node")) as node:
+    with running_node(tmp_path_factory.mktemp("node"), **QUICK_JOBS) as node:
         yield node
 
 
