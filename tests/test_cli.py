@@ -11,7 +11,7 @@ from PIL import Image
 from pydicom import dcmread
 from pynetdicom import AE
 
-from tests.support.training import TINY_TRAINING
+from tests.support.training import TINY_TRAINING, environment
 from xvr_node import demo
 from xvr_node.catalog.db import head_revision
 from xvr_node.cli import cli
@@ -51,8 +51,8 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(demo, "DEMO_PHANTOM", small)
     monkeypatch.delenv("XVR_NODE__STORAGE__ROOT", raising=False)
-    for key, value in TINY_TRAINING.items():  # a tiny model and a quick check of it
-        monkeypatch.setenv(f"XVR_NODE__{key.upper()}", value)
+    for name, value in environment(TINY_TRAINING).items():  # a tiny model, a quick check
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("XVR_NODE__REGISTRATION__SCALES", "[2]")
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["demo", "--output", str(out), "--iterations", "3"])
@@ -90,9 +90,9 @@ def test_by_default_the_demo_adopts_the_shipped_model_after_its_check(tmp_path, 
     monkeypatch.setattr(demo, "DEMO_PHANTOM", small)
     monkeypatch.delenv("XVR_NODE__STORAGE__ROOT", raising=False)
     monkeypatch.setenv("XVR_NODE__REGISTRATION__SCALES", "[2]")
-    for key, value in TINY_TRAINING.items():
-        if key.startswith("training__model_check__"):  # a quick check of the shipped model
-            monkeypatch.setenv(f"XVR_NODE__{key.upper()}", value)
+    for name, value in environment(TINY_TRAINING).items():
+        if name.startswith("XVR_NODE__TRAINING__MODEL_CHECK__"):  # a quick check of the model
+            monkeypatch.setenv(name, value)
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["demo", "--output", str(out)])
     assert result.exit_code == 0, result.output

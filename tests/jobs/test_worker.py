@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from tests.support.training import TINY_TRAINING
+from tests.support.training import TINY_TRAINING, environment
 from xvr_node import clock
 from xvr_node.catalog.db import make_engine, session_factory, upgrade
 from xvr_node.catalog.models import Job, JobKind, JobStatus, ModelState, PoseModel, Registration
@@ -40,7 +40,7 @@ def node_clock_at_noon():
 
 def settings_for(tmp_path, **overrides: str):
     environ = {"XVR_NODE__STORAGE__ROOT": str(tmp_path / "store")}
-    environ |= {f"XVR_NODE__{key.upper()}": value for key, value in overrides.items()}
+    environ |= environment(overrides)
     return load_settings(None, environ=environ)
 
 
@@ -392,8 +392,7 @@ def test_an_adopted_model_is_checked_and_replaces_the_queued_finetune(finetune_r
         volume_id = volume.id
 
     # The same from the command line, with its refusals in one line each.
-    environ = {"XVR_NODE__STORAGE__ROOT": str(tmp_path / "store")}
-    environ |= {f"XVR_NODE__{key.upper()}": value for key, value in FINETUNE.items()}
+    environ = {"XVR_NODE__STORAGE__ROOT": str(tmp_path / "store")} | environment(FINETUNE)
     runner = CliRunner()
     adopted = runner.invoke(
         cli, ["adopt", str(elsewhere), "--volume", str(volume_id), "--note", "GPU box"], env=environ

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.tools import require_tool
+from tests.support.training import environment
 from xvr_node.local_pacs import free_port as free_port  # re-exported for the tests
 from xvr_node.local_pacs import stop_process
 
@@ -103,7 +104,7 @@ def running_node(root: Path, **overrides: str) -> Iterator[NodeProcess]:
             "PYTHONUNBUFFERED": "1",
         }
     )
-    env.update({f"XVR_NODE__{key.upper()}": value for key, value in overrides.items()})
+    env.update(environment(overrides))
     node = NodeProcess(root, port, env)
     node.cli("db", "upgrade")
     node.start()

@@ -14,3 +14,8 @@ TINY_TRAINING = {
     "training__model_check__size_px": "64",
     "training__model_check__levels_px": "[16, 32]",
 }
+
+
+def environment(overrides: dict[str, str]) -> dict[str, str]:
+    """``section__key`` settings as the node's environment (``XVR_NODE__SECTION__KEY``)."""
+    return {f"XVR_NODE__{key.upper()}": value for key, value in overrides.items()}

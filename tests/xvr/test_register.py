@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.support.training import TINY_TRAINING
+from tests.support.training import TINY_TRAINING, environment
 from xvr_node.cli import cli
 from xvr_node.dicom.volume import assemble_volume, read_series_files
 from xvr_node.geometry import check_rigid, rigid, rotation_about
@@ -157,7 +157,7 @@ def test_downsampled_volume_keeps_its_geometry(setup):
 
 def test_cli_train_then_restart(small_phantom, tmp_path):
     # The tiny settings on every device: config.yaml's cpu profile would train a real model.
-    env = {f"XVR_NODE__{key.upper()}": value for key, value in TINY_TRAINING.items()}
+    env = environment(TINY_TRAINING)
     runner = CliRunner()
     trained = runner.invoke(
         cli,
