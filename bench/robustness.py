@@ -92,6 +92,8 @@ def register_frame(
     environ: dict[str, str] | None = None,
     offset: tuple[float, float] | None = None,
     device: str = "cpu",
+    threads: int = 1,
+    variant: str = "",
 ) -> dict:
     """Everything a register job does for one frame, against the phantom's truth.
 
@@ -108,18 +110,19 @@ def register_frame(
     from xvr_node.xvr.register import RefineSettings, Registrar
     from xvr_node.xvr.xray import read_xray_frames
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     settings = load_settings(None, environ=environ or {})
     root = Path(folder)
     truth = json.loads((root / "truth.json").read_text())
     record = truth["xrays"][index]
-    if folder not in _REGISTRARS:
+    key = f"{folder} {sorted((environ or {}).items())}"
+    if key not in _REGISTRARS:
         files = sorted((root / "ct").glob("*.dcm"))
         volume = assemble_volume(read_series_files(files)).volume
-        _REGISTRARS[folder] = Registrar(
+        _REGISTRARS[key] = Registrar(
             volume, RefineSettings.from_settings(settings.registration), device=device
         )
-    registrar = _REGISTRARS[folder]
+    registrar = _REGISTRARS[key]
     policy = StartPolicy.from_settings(settings.registration)
     gate = GateSettings(**settings.registration.quality.model_dump())
     frames = read_xray_frames(root / record["file"])
@@ -142,6 +145,7 @@ def register_frame(
     seconds = time.perf_counter() - started
     positioner = registrar.dicom_pose(frame) if frame.carm is not None else None
     return {
+        "variant": variant,
         "phantom": root.name,
         "file": record["file"],
         "size": frame.intrinsics.columns,
@@ -191,6 +195,8 @@ def summarize(rows: list[dict], gate=None) -> dict:
         "under_2mm_count": int(good.sum()),
         "median_seconds": float(np.median([r["seconds"] for r in rows])),
         "median_seconds_multistart": float(np.median([r["seconds_multistart"] for r in rows])),
+        "median_seconds_refine": float(np.median([r["seconds_refine"] for r in rows])),
+        "median_iterations": float(np.median([r["iterations"] for r in rows])),
     }
 
 
@@ -256,6 +262,15 @@ def print_report(rows: list[dict], summary: dict) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def _environment(environ: dict[str, str], items: list[str]) -> dict[str, str]:
+    """``environ`` with SECTION__KEY=VALUE items added as the node's environment variables."""
+    environ = dict(environ)
+    for item in items:
+        key, _, value = item.partition("=")
+        environ[f"XVR_NODE__{key.upper()}"] = value
+    return environ
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=4)
@@ -281,6 +296,17 @@ def main() -> None:
         default=[],
         metavar="SECTION__KEY=VALUE",
         help="a configuration value for this run, e.g. registration__patience=5 (repeatable)",
+    )
+    parser.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="SECTION__KEY=VALUE",
+        help="also register every frame with this configuration instead of --set's, in the "
+        "same run, frame by frame (before/after on the same frames and starts; repeatable)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per registering process"
     )
     parser.add_argument("--phantoms", type=Path, help="reuse the phantoms of an earlier run")
     parser.add_argument(
@@ -312,9 +338,9 @@ def main() -> None:
         return
 
     environ = {"XVR_NODE__REGISTRATION__LEVELS_PX": f"[{args.levels}]"} if args.levels else {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        environ[f"XVR_NODE__{key.upper()}"] = value
+    variants = {"": _environment(environ, args.set)}
+    if args.against:
+        variants = {"before": _environment(environ, args.against), "after": variants[""]}
     offset = tuple(float(x) for x in args.start_offset.split(",")) if args.start_offset else None
     jobs: list[tuple[str, int]] = []
     with ProcessPoolExecutor(args.workers) as pool:
@@ -337,27 +363,43 @@ def main() -> None:
         print(f"{len(jobs)} frames in {len(folders)} phantoms", flush=True)
     # CUDA cannot be used in a forked child of a process that touched it: spawn for a GPU.
     context = multiprocessing.get_context("spawn" if args.device.startswith("cuda") else None)
+    work = [(folder, index, name) for folder, index in jobs for name in variants]
     rows = []
     with ProcessPoolExecutor(args.register_workers or args.workers, mp_context=context) as pool:
         for row in pool.map(
             register_frame,
-            *zip(*jobs, strict=True),
-            [environ] * len(jobs),
-            [offset] * len(jobs),
-            [args.device] * len(jobs),
+            [folder for folder, _, _ in work],
+            [index for _, index, _ in work],
+            [variants[name] for _, _, name in work],
+            [offset] * len(work),
+            [args.device] * len(work),
+            [args.threads] * len(work),
+            [name for _, _, name in work],
         ):
             rows.append(row)
             print(
-                f"{row['phantom']} {row['file']}: {row['final_mtre_mm']:.2f} mm "
+                f"{row['variant']} {row['phantom']} {row['file']}: "
+                f"{row['final_mtre_mm']:.2f} mm "
                 f"({'reliable' if row['reliable'] else 'unreliable'}), {row['seconds']:.1f} s",
                 flush=True,
             )
-    summary = summarize(rows)
-    print_report(rows, summary)
+    if args.against:
+        for name in variants:
+            print(f"--- {name}: {' '.join(args.against if name == 'before' else args.set)}")
+            print_report(
+                [r for r in rows if r["variant"] == name],
+                summarize([r for r in rows if r["variant"] == name]),
+            )
+    summary = {name: summarize([r for r in rows if r["variant"] == name]) for name in variants}
+    summary = summary.get("", summary)
+    if not args.against:
+        print_report(rows, summary)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "robustness.json"
     if args.start_offset:
         name = "robustness-offset-starts.json"
+    elif args.against:
+        name = "robustness-before-after.json"
     elif args.levels or args.only or args.set:
         name = "robustness-variant.json"
     if args.device != "cpu":
@@ -370,6 +412,8 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "levels": args.levels,
                 "set": args.set,
+                "against": args.against,
+                "threads": args.threads,
                 "start_offset": args.start_offset,
                 "device": args.device,
             },

@@ -19,6 +19,7 @@ from scipy.spatial import ConvexHull
 from xvr_node.ct_volume import CtVolume
 from xvr_node.geometry import CarmPose, Intrinsics, pose_to_euler_zxy, project
 from xvr_node.xvr.losses import masked_similarity
+from xvr_node.xvr.optimize import minimize
 from xvr_node.xvr.renderer import MU_WATER_PER_MM, STEP_VOXELS, Projector
 from xvr_node.xvr.xray import XrayFrame, line_integrals
 
@@ -28,6 +29,14 @@ LOG = logging.getLogger(__name__)
 #: unattenuated beam) and its Adam step, the same at every level.
 INTENSITY_START = (0.0, -5.0)
 INTENSITY_LR = 0.05
+
+#: RMS change of the DRR, in its standard deviations, of one whitened L-BFGS unit: about
+#: the first trial step (the similarity's patch and gradient terms are far more sensitive).
+WHITE_STEP = 0.05
+
+#: Least eigenvalue of the whitening metric, relative to its largest: caps how much longer
+#: a step along the least visible direction (depth) can be than along the most visible.
+EIGEN_FLOOR = 1e-1
 
 #: HU above which a voxel of an end slice is body (not air): rays crossing there see anatomy
 #: the CT does not hold.
@@ -55,6 +64,10 @@ class RefineSettings:
     plateau_factor: float = 0.1
     max_plateaus: int = 2
     max_iterations_per_scale: int = 500
+    optimizer: str = "adam"  # adam (fixed steps, plateau rule) or lbfgs (line search)
+    lbfgs_iterations: int = 30  # L-BFGS evaluations per scale
+    lbfgs_tolerance: float = 1e-5  # a step gaining less similarity ends the level
+    lbfgs_max_step: float = 10.0  # longest step, in whitened units (WHITE_STEP each)
     min_size_px: int = 16  # a scale never renders fewer pixels than this per side
     patch_ncc: int = 9
     patch_grad: int = 11
@@ -269,6 +282,7 @@ class Registrar:
         iterations = 0
         best = -math.inf
         scales = s.scales_for(frame.intrinsics)
+        whitening: torch.Tensor | None = None
         first_level = min(first_level, len(scales) - 1)
         step = s.lr_shrink**first_level
         for scale_index, scale in enumerate(scales[first_level:], start=first_level):
@@ -283,47 +297,16 @@ class Registrar:
             crop = _box(mask, crop, self._patch_reach)
             render = self._renderer(frame.intrinsics, scale)
             scale_started = time.perf_counter()
-            groups = [
-                {"params": [rotation], "lr": s.lr_rotation * step},
-                {"params": [shift], "lr": s.lr_translation * step},
-            ]
-            if fit_intensity:
-                groups.append({"params": [intensity], "lr": INTENSITY_LR})
-            optimizer = torch.optim.Adam(groups, maximize=True)
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer,
-                mode="max",
-                factor=s.plateau_factor,
-                patience=s.patience,
-                threshold=s.threshold,
-            )
-            plateaus = 0
-            for _ in range(s.max_iterations_per_scale):
-                optimizer.zero_grad()
-                pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
-                moving = render(pose, crop)
-                if fit_intensity:
-                    moving = self._apparent(moving, intensity)
-                similarity = self._similarity(fixed, moving, mask, crop).mean()
-                similarity.backward()
-                optimizer.step()
-                lr_before = optimizer.param_groups[0]["lr"]
-                scheduler.step(similarity.item())
-                iterations += 1
-                record = {
-                    "scale": float(scale),
-                    "iteration": iterations,
-                    "similarity": float(similarity.detach()),
-                }
-                trajectory.append(record)
-                if keep_poses:
-                    poses.append(self._matrix(pose, frame.intrinsics))
-                if progress is not None:
-                    progress(record)
-                if optimizer.param_groups[0]["lr"] < lr_before:
-                    plateaus += 1
-                    if plateaus >= s.max_plateaus:
-                        break
+            level = _Level(float(scale), frame.intrinsics, render, fixed, mask, crop)
+            parameters = (rotation, shift, intensity if fit_intensity else None)
+            record_poses = poses if keep_poses else None
+            if s.optimizer == "lbfgs":
+                if whitening is None:
+                    whitening = self._whitening(level, rotation, shift, step)
+                self._lbfgs_level(level, parameters, whitening, trajectory, record_poses, progress)
+            else:
+                self._adam_level(level, parameters, step, trajectory, record_poses, progress)
+            iterations = len(trajectory)
             best = trajectory[-1]["similarity"]
             step *= s.lr_shrink
             LOG.debug(
@@ -352,6 +335,166 @@ class Registrar:
             poses=poses,
             intensity=fitted,
         )
+
+    def _adam_level(
+        self,
+        level: _Level,
+        parameters: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        step: float,
+        trajectory: list[dict],
+        poses: list[np.ndarray] | None,
+        progress: Callable[[dict], None] | None,
+    ) -> None:
+        """One level by Adam at fixed step sizes, ended by the plateau rule (XVR's schedule).
+
+        Each ``patience`` iterations without a gain of ``threshold`` cut the steps by
+        ``plateau_factor``; the level ends after ``max_plateaus`` cuts or its iteration cap.
+        """
+        s = self.settings
+        rotation, shift, intensity = parameters
+        groups = [
+            {"params": [rotation], "lr": s.lr_rotation * step},
+            {"params": [shift], "lr": s.lr_translation * step},
+        ]
+        if intensity is not None:
+            groups.append({"params": [intensity], "lr": INTENSITY_LR})
+        optimizer = torch.optim.Adam(groups, maximize=True)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer,
+            mode="max",
+            factor=s.plateau_factor,
+            patience=s.patience,
+            threshold=s.threshold,
+        )
+        plateaus = 0
+        for _ in range(s.max_iterations_per_scale):
+            optimizer.zero_grad()
+            pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
+            similarity = level.similarity(self, pose, intensity)
+            similarity.backward()
+            optimizer.step()
+            lr_before = optimizer.param_groups[0]["lr"]
+            scheduler.step(similarity.item())
+            record = {
+                "scale": level.scale,
+                "iteration": len(trajectory) + 1,
+                "similarity": float(similarity.detach()),
+            }
+            trajectory.append(record)
+            if poses is not None:
+                poses.append(self._matrix(pose, level.intrinsics))
+            if progress is not None:
+                progress(record)
+            if optimizer.param_groups[0]["lr"] < lr_before:
+                plateaus += 1
+                if plateaus >= s.max_plateaus:
+                    break
+
+    def _lbfgs_level(
+        self,
+        level: _Level,
+        parameters: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        whitening: torch.Tensor,
+        trajectory: list[dict],
+        poses: list[np.ndarray] | None,
+        progress: Callable[[dict], None] | None,
+    ) -> None:
+        """One level by L-BFGS with capped, backtracked steps, in whitened unknowns.
+
+        ``whitening`` (from :meth:`_whitening`) makes every pose direction change the DRR
+        alike, so a quasi-Newton method travels in a few steps what Adam covers in tens of
+        fixed-size ones, depth included. Every evaluation (backtracking trials too) is one
+        iteration. The parameters are updated in place.
+        """
+        s = self.settings
+        rotation, shift, intensity = parameters
+        start = [rotation.detach().clone(), shift.detach().clone()]
+        if intensity is not None:
+            start.append(intensity.detach().clone())
+        gradient_scale: list[float] = []
+
+        def unpack(values: torch.Tensor):
+            moved = whitening @ values[:6]
+            fitted = start[2] + values[6:] * INTENSITY_LR if intensity is not None else None
+            return start[0] + moved[None, :3], start[1] + moved[None, 3:], fitted
+
+        def evaluate(values: torch.Tensor) -> tuple[float, torch.Tensor]:
+            z = values.detach().clone().requires_grad_(True)
+            rot, sh, fitted = unpack(z)
+            pose = convert(rot, sh, parameterization="euler_angles", convention="ZXY")
+            similarity = level.similarity(self, pose, fitted)
+            (-similarity).backward()
+            # The first gradient sets the loss's scale (its largest component becomes 1), so
+            # the first step is about one whitened unit whatever the similarity's slope.
+            if not gradient_scale:
+                gradient_scale.append(float(z.grad.abs().max()) or 1.0)
+            record = {
+                "scale": level.scale,
+                "iteration": len(trajectory) + 1,
+                "similarity": float(similarity.detach()),
+            }
+            trajectory.append(record)
+            if poses is not None:
+                poses.append(self._matrix(pose, level.intrinsics))
+            if progress is not None:
+                progress(record)
+            return -record["similarity"] / gradient_scale[0], z.grad / gradient_scale[0]
+
+        unknowns = 6 + (2 if intensity is not None else 0)
+        first = torch.zeros(unknowns, device=self.device)
+        # The tolerance is a gain in similarity; the minimised value is scaled by the first
+        # gradient, which is known only after the first evaluation.
+        best = minimize(
+            evaluate,
+            first,
+            evaluations=s.lbfgs_iterations,
+            tolerance=lambda: s.lbfgs_tolerance / gradient_scale[0],
+            max_step=s.lbfgs_max_step,
+        )
+        with torch.no_grad():
+            rot, sh, fitted = unpack(best)
+            rotation.copy_(rot)
+            shift.copy_(sh)
+            if intensity is not None:
+                intensity.copy_(fitted)
+
+    def _whitening(
+        self, level: _Level, rotation: torch.Tensor, shift: torch.Tensor, step: float
+    ) -> torch.Tensor:
+        """Pose change (radians, mm) per whitened unit: a 6×6 matrix.
+
+        Finite differences of one Adam step per pose parameter (one batched render) give the
+        DRR's Jacobian J over the open field, in image standard deviations; with
+        ``J^T J = L L^T``, steps ``L^-T z`` change the DRR by ``|z|`` in RMS. Depth, which
+        barely changes a projection, gets long steps; rotations and the shifts that mimic
+        them stop fighting each other. Scaled so that one unit changes the DRR by
+        ``WHITE_STEP`` standard deviations.
+        """
+        s = self.settings
+        units = torch.tensor(
+            [s.lr_rotation * step] * 3 + [s.lr_translation * step] * 3, device=self.device
+        )
+        with torch.no_grad():
+            deltas = torch.cat([torch.zeros(1, 6, device=self.device), torch.diag(units)])
+            pose = convert(
+                rotation.detach() + deltas[:, :3],
+                shift.detach() + deltas[:, 3:],
+                parameterization="euler_angles",
+                convention="ZXY",
+            )
+            images = level.render(pose, level.crop).flatten(1)
+            top, bottom, left, right = level.crop
+            keep = level.mask[..., top:bottom, left:right].flatten() > 0
+            if keep.sum() > 1:
+                images = images[:, keep]
+            jacobian = (images[1:] - images[:1]).double() / (images[0].double().std() + 1e-9)
+            metric = jacobian @ jacobian.T / images.shape[1]
+            # A floor on the eigenvalues keeps a direction the DRR does not see from
+            # getting unbounded steps.
+            floor = EIGEN_FLOOR * float(torch.linalg.eigvalsh(metric).max()) + 1e-12
+            metric += floor * torch.eye(6, dtype=metric.dtype, device=self.device)
+            inverse = torch.linalg.inv(torch.linalg.cholesky(metric)).T
+        return (torch.diag(units.double()) @ inverse * WHITE_STEP).float()
 
     # --- internals ---------------------------------------------------------------------
 
@@ -556,6 +699,27 @@ class Registrar:
     def _matrix(self, pose: RigidTransform, intrinsics: Intrinsics) -> np.ndarray:
         matrix = pose.matrix[0].detach().double().cpu().numpy()
         return self.frame.matrix_from_pose(matrix, intrinsics)
+
+
+@dataclass(frozen=True)
+class _Level:
+    """What one level of a registration compares: a render function and the X-ray there."""
+
+    scale: float
+    intrinsics: Intrinsics
+    render: Callable
+    fixed: torch.Tensor
+    mask: torch.Tensor
+    crop: tuple[int, int, int, int]
+
+    def similarity(
+        self, registrar: Registrar, pose: RigidTransform, intensity: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Similarity of the DRR at ``pose`` (through ``intensity`` when fitted)."""
+        moving = self.render(pose, self.crop)
+        if intensity is not None:
+            moving = registrar._apparent(moving, intensity)
+        return registrar._similarity(self.fixed, moving, self.mask, self.crop).mean()
 
 
 def _box(

@@ -35,6 +35,9 @@ STEP_VOXELS = 1.5
 #: Samples per no-gradient render call, to bound the memory of large batches.
 NO_GRAD_SAMPLES = 64_000_000
 
+#: Fewest rays worth a part of their own when a view is split over CPU threads.
+MIN_RAYS_PER_PART = 256
+
 #: A crop of the detector grid: first row, row after the last, first column, column after.
 Box = tuple[int, int, int, int]
 
@@ -123,17 +126,32 @@ class Projector:
         batch = matrices.shape[0]
         height, width = bottom - top, right - left
         targets = self._pixels[top:bottom, left:right].reshape(1, -1, 3).expand(batch, -1, -1)
-        return march(
+        rays = height * width
+        # On CPU, torch samples a volume in parallel over the batch only: a view alone is
+        # split into one part per thread so that every core marches rays.
+        parts = 1
+        if self.device.type == "cpu":
+            parts = max(1, min(torch.get_num_threads() // batch, rays // MIN_RAYS_PER_PART))
+        if parts > 1:
+            per_part = -(-rays // parts)
+            padding = per_part * parts - rays
+            targets = torch.cat([targets, targets[:, -1:].expand(-1, padding, -1)], dim=1)
+            targets = targets.reshape(batch * parts, per_part, 3)
+            matrices = matrices.repeat_interleave(parts, dim=0)
+        image = march(
             self.subject,
             None,
             matrices,
             None,
-            height,
-            width,
+            1 if parts > 1 else height,
+            targets.shape[1] if parts > 1 else width,
             n_samples=self.samples,
-            src=self._source.expand(batch, -1, -1),
+            src=self._source.expand(batch * parts, -1, -1),
             tgt=targets,
         )
+        if parts > 1:
+            image = image.reshape(batch, 1, -1)[..., :rays].reshape(batch, 1, height, width)
+        return image
 
     def render_numpy(self, matrices: np.ndarray) -> torch.Tensor:
         """Line integrals (N, 1, H, W) for exported matrices, without gradient, in chunks."""

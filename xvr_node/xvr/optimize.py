@@ -1,0 +1,91 @@
+"""A small L-BFGS with capped steps and backtracking, for well-scaled problems of a few unknowns.
+
+Refinement needs a quasi-Newton method that never jumps far on a landscape with other
+optima nearby: torch's L-BFGS extrapolates its strong-Wolfe line search up to tenfold per
+trial, which sent trial poses 100 mm away on realistic X-rays. Here each step is the
+two-loop L-BFGS direction, shortened so that no unknown moves more than ``max_step``, and
+halved back (Armijo) until it gains; the unknowns are expected to be scaled so that one unit
+means the same in every direction (see ``Registrar._whitening``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+#: Armijo's sufficient-decrease fraction.
+ARMIJO = 1e-4
+
+#: Each backtracking trial shortens the step by this factor.
+BACKTRACK = 0.3
+
+
+def minimize(
+    evaluate: Callable[[torch.Tensor], tuple[float, torch.Tensor]],
+    start: torch.Tensor,
+    evaluations: int,
+    tolerance: Callable[[], float],
+    max_step: float,
+    history: int = 8,
+) -> torch.Tensor:
+    """The best point found from ``start`` within ``evaluations`` calls of ``evaluate``.
+
+    ``evaluate(x)`` returns the value to minimise and its gradient. The search stops when
+    an accepted step gains less than ``tolerance()`` (asked after the first evaluation, so
+that it can depend on it), or when the evaluations run out.
+    """
+    x = start.detach().clone()
+    value, gradient = evaluate(x)
+    used = 1
+    steps: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / y·s)
+    while used < evaluations:
+        direction = _direction(gradient, steps)
+        slope = float(gradient @ direction)
+        if slope >= 0:  # not a descent direction (curvature pairs gone stale): start over
+            steps.clear()
+            direction, slope = -gradient, -float(gradient @ gradient)
+        longest = float(direction.abs().max())
+        if longest > max_step:
+            direction, slope = direction * (max_step / longest), slope * (max_step / longest)
+        if longest == 0.0:
+            break
+        fraction = 1.0
+        while True:
+            trial = x + fraction * direction
+            trial_value, trial_gradient = evaluate(trial)
+            used += 1
+            if trial_value <= value + ARMIJO * fraction * slope or used >= evaluations:
+                break
+            fraction *= BACKTRACK
+        if trial_value >= value:  # out of evaluations without a gain
+            break
+        moved, turned = trial - x, trial_gradient - gradient
+        curvature = float(turned @ moved)
+        if curvature > 1e-12:
+            steps.append((moved, turned, 1.0 / curvature))
+            del steps[:-history]
+        gain = value - trial_value
+        x, value, gradient = trial, trial_value, trial_gradient
+        if gain < tolerance():
+            break
+    return x
+
+
+def _direction(
+    gradient: torch.Tensor, steps: list[tuple[torch.Tensor, torch.Tensor, float]]
+) -> torch.Tensor:
+    """L-BFGS's two-loop recursion: minus the inverse-Hessian estimate times the gradient."""
+    q = -gradient.clone()
+    alphas = []
+    for moved, turned, rho in reversed(steps):
+        alpha = rho * float(moved @ q)
+        q -= alpha * turned
+        alphas.append(alpha)
+    if steps:
+        moved, turned, _ = steps[-1]
+        q *= float(moved @ turned) / float(turned @ turned)
+    for (moved, turned, rho), alpha in zip(steps, reversed(alphas), strict=True):
+        beta = rho * float(turned @ q)
+        q += (alpha - beta) * moved
+    return q
