@@ -50,5 +50,5 @@ def test_stops_when_the_evaluations_run_out_and_keeps_the_best_point():
     evaluate, seen = quadratic([1.0, 0.001], [10.0, 10.0])
     best = minimize(evaluate, torch.zeros(2, dtype=torch.float64), 5, lambda: 0.0, 1.0)
     assert len(seen) == 5
-    values = [evaluate(x)[0] for x in seen]
+    values = [evaluate(x)[0] for x in list(seen)]
     assert evaluate(best)[0] == min(values)
