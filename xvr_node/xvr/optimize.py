@@ -31,9 +31,9 @@ def minimize(
 ) -> torch.Tensor:
     """The best point found from ``start`` within ``evaluations`` calls of ``evaluate``.
 
-    ``evaluate(x)`` returns the value to minimise and its gradient. The search stops when
-    an accepted step gains less than ``tolerance()`` (asked after the first evaluation, so
-that it can depend on it), or when the evaluations run out.
+        ``evaluate(x)`` returns the value to minimise and its gradient. The search stops when
+        an accepted step gains less than ``tolerance()`` (asked after the first evaluation, so
+    that it can depend on it), or when the evaluations run out.
     """
     x = start.detach().clone()
     value, gradient = evaluate(x)
