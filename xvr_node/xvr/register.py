@@ -375,16 +375,7 @@ class Registrar:
             optimizer.step()
             lr_before = optimizer.param_groups[0]["lr"]
             scheduler.step(similarity.item())
-            record = {
-                "scale": level.scale,
-                "iteration": len(trajectory) + 1,
-                "similarity": float(similarity.detach()),
-            }
-            trajectory.append(record)
-            if poses is not None:
-                poses.append(self._matrix(pose, level.intrinsics))
-            if progress is not None:
-                progress(record)
+            self._record(level, pose, similarity, trajectory, poses, progress)
             if optimizer.param_groups[0]["lr"] < lr_before:
                 plateaus += 1
                 if plateaus >= s.max_plateaus:
@@ -428,17 +419,8 @@ class Registrar:
             # the first step is about one whitened unit whatever the similarity's slope.
             if not gradient_scale:
                 gradient_scale.append(float(z.grad.abs().max()) or 1.0)
-            record = {
-                "scale": level.scale,
-                "iteration": len(trajectory) + 1,
-                "similarity": float(similarity.detach()),
-            }
-            trajectory.append(record)
-            if poses is not None:
-                poses.append(self._matrix(pose, level.intrinsics))
-            if progress is not None:
-                progress(record)
-            return -record["similarity"] / gradient_scale[0], z.grad / gradient_scale[0]
+            value = self._record(level, pose, similarity, trajectory, poses, progress)
+            return -value / gradient_scale[0], z.grad / gradient_scale[0]
 
         unknowns = 6 + (2 if intensity is not None else 0)
         first = torch.zeros(unknowns, device=self.device)
@@ -457,6 +439,28 @@ class Registrar:
             shift.copy_(sh)
             if intensity is not None:
                 intensity.copy_(fitted)
+
+    def _record(
+        self,
+        level: _Level,
+        pose: RigidTransform,
+        similarity: torch.Tensor,
+        trajectory: list[dict],
+        poses: list[np.ndarray] | None,
+        progress: Callable[[dict], None] | None,
+    ) -> float:
+        """One evaluation into the trajectory (and poses, and progress); its similarity."""
+        record = {
+            "scale": level.scale,
+            "iteration": len(trajectory) + 1,
+            "similarity": float(similarity.detach()),
+        }
+        trajectory.append(record)
+        if poses is not None:
+            poses.append(self._matrix(pose, level.intrinsics))
+        if progress is not None:
+            progress(record)
+        return record["similarity"]
 
     def _whitening(
         self, level: _Level, rotation: torch.Tensor, shift: torch.Tensor, step: float
