@@ -2,10 +2,10 @@
 
 Refinement needs a quasi-Newton method that never jumps far on a landscape with other
 optima nearby: torch's L-BFGS extrapolates its strong-Wolfe line search up to tenfold per
-trial, which sent trial poses 100 mm away on realistic X-rays. Here each step is the
-two-loop L-BFGS direction, shortened so that no unknown moves more than ``max_step``, and
-halved back (Armijo) until it gains; the unknowns are expected to be scaled so that one unit
-means the same in every direction (see ``Registrar._whitening``).
+trial, which sent trial poses 88-167 mm away on realistic X-rays. Here each step is the
+two-loop L-BFGS direction, cut so that no unknown moves more than ``max_step``, then
+shortened by ``BACKTRACK`` (Armijo) until it gains enough; the unknowns are expected to be
+scaled so that one unit means the same in every direction (see ``Registrar._whitening``).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def minimize(
 ) -> torch.Tensor:
     """The best point found from ``start`` within ``evaluations`` calls of ``evaluate``.
 
-        ``evaluate(x)`` returns the value to minimise and its gradient. The search stops when
-        an accepted step gains less than ``tolerance()`` (asked after the first evaluation, so
-    that it can depend on it), or when the evaluations run out.
+    ``evaluate(x)`` returns the value to minimise and its gradient. The search stops when an
+    accepted step gains less than ``tolerance()`` (asked after the first evaluation, so that
+    it can depend on it), or when the evaluations run out.
     """
     x = start.detach().clone()
     value, gradient = evaluate(x)

@@ -64,7 +64,7 @@ class RefineSettings:
     plateau_factor: float = 0.1
     max_plateaus: int = 2
     max_iterations_per_scale: int = 500
-    optimizer: str = "adam"  # adam (fixed steps, plateau rule) or lbfgs (line search)
+    optimizer: str = "adam"  # adam (fixed steps, plateau rule) or lbfgs (capped quasi-Newton)
     lbfgs_iterations: int = 30  # L-BFGS evaluations per scale
     lbfgs_tolerance: float = 1e-5  # a step gaining less similarity ends the level
     lbfgs_max_step: float = 10.0  # longest step, in whitened units (WHITE_STEP each)
