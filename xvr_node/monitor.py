@@ -10,11 +10,16 @@ import json
 import logging
 import statistics
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,55 +42,38 @@ LOG = logging.getLogger(__name__)
 RECENT = 200
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _figures(session: Session) -> Iterator[Metric]:
+    """The node's figures from the catalog, as Prometheus metric families."""
+    info = GaugeMetricFamily("xvr_node_info", "Version of this node.", labels=["version"])
+    info.add_metric([__version__], 1)
+    yield info
 
+    yield _grouped(
+        session,
+        "xvr_node_instances_stored",
+        "Instances received and stored, by usability.",
+        [Instance.usability],
+        ["usability"],
+    )
+    yield _grouped(
+        session,
+        "xvr_node_ingest_events",
+        "Refused associations and instances, by kind.",
+        [IngestEvent.event],
+        ["event"],
+    )
+    yield _grouped(
+        session,
+        "xvr_node_jobs",
+        "Jobs by kind and state.",
+        [Job.kind, Job.status],
+        ["kind", "status"],
+    )
 
-class Metrics:
-    """Prometheus text exposition format, one family at a time."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def family(self, name: str, kind: str, help_text: str) -> None:
-        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-
-    def sample(self, name: str, value: float, **labels: str) -> None:
-        label = ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(labels.items()))
-        self.lines.append(f"{name}{{{label}}} {value:g}" if label else f"{name} {value:g}")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
-
-
-def collect_metrics(session: Session) -> str:
-    """The node's figures from the catalog."""
-    m = Metrics()
-    m.family("xvr_node_info", "gauge", "Version of this node.")
-    m.sample("xvr_node_info", 1, version=__version__)
-
-    m.family("xvr_node_instances_stored", "gauge", "Instances received and stored, by usability.")
-    for usability, count in session.execute(
-        select(Instance.usability, func.count()).group_by(Instance.usability)
-    ):
-        m.sample("xvr_node_instances_stored", count, usability=str(usability))
-
-    m.family("xvr_node_ingest_events", "gauge", "Refused associations and instances, by kind.")
-    for event, count in session.execute(
-        select(IngestEvent.event, func.count()).group_by(IngestEvent.event)
-    ):
-        m.sample("xvr_node_ingest_events", count, event=str(event))
-
-    m.family("xvr_node_jobs", "gauge", "Jobs by kind and state.")
-    for kind, status, count in session.execute(
-        select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
-    ):
-        m.sample("xvr_node_jobs", count, kind=str(kind), status=str(status))
-
-    m.family(
+    wait = GaugeMetricFamily(
         "xvr_node_job_queue_wait_seconds",
-        "gauge",
         f"Median wait from queued to started over the last {RECENT} started jobs, by kind.",
+        labels=["kind"],
     )
     waits: dict[str, list[float]] = {}
     for kind, created, started in session.execute(
@@ -96,21 +84,18 @@ def collect_metrics(session: Session) -> str:
     ):
         waits.setdefault(str(kind), []).append((started - created).total_seconds())
     for kind, values in sorted(waits.items()):
-        m.sample("xvr_node_job_queue_wait_seconds", statistics.median(values), kind=kind)
+        wait.add_metric([kind], statistics.median(values))
+    yield wait
 
-    recent = session.execute(
-        select(Registration.wall_time_s, Registration.similarity)
-        .order_by(Registration.id.desc())
-        .limit(RECENT)
-    ).all()
-    m.family("xvr_node_registrations_total", "counter", "Frames registered since installation.")
-    m.sample(
-        "xvr_node_registrations_total", session.scalar(select(func.count(Registration.id))) or 0
+    yield CounterMetricFamily(
+        "xvr_node_registrations",
+        "Frames registered since installation.",
+        value=session.scalar(select(func.count(Registration.id))) or 0,
     )
-    m.family(
+    quality = GaugeMetricFamily(
         "xvr_node_registrations_by_quality",
-        "gauge",
         "Frames registered, by the quality gate's verdict (unassessed: before the gate).",
+        labels=["verdict"],
     )
     verdicts = dict(
         session.execute(
@@ -118,47 +103,95 @@ def collect_metrics(session: Session) -> str:
         ).all()
     )
     for verdict, label in ((True, "reliable"), (False, "unreliable"), (None, "unassessed")):
-        m.sample("xvr_node_registrations_by_quality", verdicts.get(verdict, 0), verdict=label)
+        quality.add_metric([label], verdicts.get(verdict, 0))
+    yield quality
+    recent = session.execute(
+        select(Registration.wall_time_s, Registration.similarity)
+        .order_by(Registration.id.desc())
+        .limit(RECENT)
+    ).all()
     for name, index, help_text in (
         ("xvr_node_registration_seconds", 0, "Median refinement time per frame"),
         ("xvr_node_registration_similarity", 1, "Median final similarity per frame"),
     ):
         values = [row[index] for row in recent if row[index] is not None]
-        m.family(name, "gauge", f"{help_text}, last {RECENT} frames.")
+        median = GaugeMetricFamily(name, f"{help_text}, last {RECENT} frames.")
         if values:
-            m.sample(name, statistics.median(values))
+            median.add_metric([], statistics.median(values))
+        yield median
 
-    m.family("xvr_node_models", "gauge", "Pose models by state and held-out validation.")
+    models = GaugeMetricFamily(
+        "xvr_node_models",
+        "Pose models by state and held-out validation.",
+        labels=["state", "validated"],
+    )
     for state, validated, count in session.execute(
         select(PoseModel.state, PoseModel.validated, func.count()).group_by(
             PoseModel.state, PoseModel.validated
         )
     ):
-        m.sample("xvr_node_models", count, state=str(state), validated=str(bool(validated)).lower())
-    m.family(
+        models.add_metric([str(state), str(bool(validated)).lower()], count)
+    yield models
+    training = GaugeMetricFamily(
         "xvr_node_training_progress",
-        "gauge",
         "Running finetunes: iterations done, planned total and seconds left, by job.",
+        labels=["job", "field"],
     )
     for job_id, progress in session.execute(
         select(Job.id, Job.progress).where(
             Job.kind == JobKind.FINETUNE, Job.status == JobStatus.RUNNING
         )
     ):
-        if not progress:
-            continue
         for field in ("iteration", "total", "eta_s"):
-            if progress.get(field) is not None:
-                m.sample(
-                    "xvr_node_training_progress", progress[field], job=str(job_id), field=field
-                )
+            if progress and progress.get(field) is not None:
+                training.add_metric([str(job_id), field], progress[field])
+    yield training
 
-    m.family("xvr_node_exports", "gauge", "Result objects in the outbox, by state.")
-    for status, count in session.execute(
-        select(Export.status, func.count()).group_by(Export.status)
-    ):
-        m.sample("xvr_node_exports", count, status=str(status))
-    return m.text()
+    yield _grouped(
+        session,
+        "xvr_node_exports",
+        "Result objects in the outbox, by state.",
+        [Export.status],
+        ["status"],
+    )
+
+
+def _grouped(
+    session: Session, name: str, help_text: str, columns: list[Any], labels: list[str]
+) -> GaugeMetricFamily:
+    """A gauge with one sample per distinct value of ``columns``: its row count."""
+    family = GaugeMetricFamily(name, help_text, labels=labels)
+    for *values, count in session.execute(select(*columns, func.count()).group_by(*columns)):
+        family.add_metric([str(value) for value in values], count)
+    return family
+
+
+class CatalogCollector(Collector):
+    """Reads the figures from the catalog at each scrape, in one session."""
+
+    def __init__(self, open_session: Callable[[], AbstractContextManager[Session]]) -> None:
+        self.open_session = open_session
+
+    def collect(self) -> Iterator[Metric]:
+        with self.open_session() as session:
+            yield from list(_figures(session))
+
+
+def metrics_registry(
+    open_session: Callable[[], AbstractContextManager[Session]],
+) -> CollectorRegistry:
+    """The catalog's figures and this process's own (memory, CPU, open files)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CatalogCollector(open_session))
+    ProcessCollector(namespace="xvr_node", registry=registry)
+    return registry
+
+
+def collect_metrics(session: Session) -> str:
+    """The catalog's figures in Prometheus's text format, read in ``session``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CatalogCollector(lambda: nullcontext(session)))
+    return generate_latest(registry).decode()
 
 
 def health(session: Session, workers_alive: int, workers_expected: int) -> tuple[int, dict]:
@@ -191,6 +224,7 @@ class MonitorServer:
     ) -> None:
         self.sessions = sessions
         self.workers = workers
+        self.registry = metrics_registry(sessions)
         monitor = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -219,12 +253,11 @@ class MonitorServer:
             self._send(request, status, "application/json", json.dumps(body))
         elif path == "/metrics":
             try:
-                with self.sessions() as session:
-                    text = collect_metrics(session)
-            except Exception as error:
+                text = generate_latest(self.registry).decode()
+            except Exception as error:  # the catalog is down: say so, do not crash the endpoint
                 self._send(request, 503, "text/plain", f"catalog unavailable: {error}\n")
                 return
-            self._send(request, 200, "text/plain; version=0.0.4; charset=utf-8", text)
+            self._send(request, 200, CONTENT_TYPE_LATEST, text)
         else:
             self._send(request, 404, "text/plain", "GET /healthz or /metrics\n")
 
