@@ -23,7 +23,7 @@ from xvr_node.jobs.assemble import queue_stable_series
 from xvr_node.jobs.export import deliver_configured
 from xvr_node.jobs.pipeline import Pipeline
 from xvr_node.jobs.queue import enqueue
-from xvr_node.jobs.triggers import queue_missing_finetunes
+from xvr_node.jobs.triggers import queue_missing_finetunes, queue_register
 from xvr_node.jobs.worker import resolve_device, start_workers
 from xvr_node.monitor import MonitorServer
 
@@ -48,7 +48,11 @@ def make_receiver(settings: Settings) -> tuple[Receiver, FileStore]:
         for p in settings.carm_profiles
     ]
     receiver = Receiver(
-        store, session_factory(make_engine(url)), settings.node.max_pixel_bytes, fallbacks
+        store,
+        session_factory(make_engine(url)),
+        settings.node.max_pixel_bytes,
+        on_usable_xray=queue_register,
+        fallbacks=fallbacks,
     )
     return receiver, store
 

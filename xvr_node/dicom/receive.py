@@ -35,7 +35,6 @@ from xvr_node.catalog.models import (
     utcnow,
 )
 from xvr_node.dicom.storage import FileStore, StorageFullError, StoredFile, is_valid_uid
-from xvr_node.jobs.triggers import queue_register
 from xvr_node.xray_geometry import (
     XRAY_SOP_CLASSES,
     UnsupportedGeometryError,
@@ -110,10 +109,16 @@ class Receiver:
         store: FileStore,
         sessions: sessionmaker[Session],
         max_pixel_bytes: int,
+        on_usable_xray: Callable[[Session, int], object],
         fallbacks: list[CarmFallback] | None = None,
         on_stored: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_usable_xray(session, instance_id)`` is told of each X-ray catalogued usable
+        and linked to a volume, inside the transaction that records it: the pipeline queues
+        its work there, so a crash never leaves one without the other. ``on_stored`` hears of
+        each instance after its commit."""
         self.store = store
+        self.on_usable_xray = on_usable_xray
         self.sessions = sessions
         self.max_pixel_bytes = max_pixel_bytes
         self.fallbacks = fallbacks or []
@@ -360,7 +365,7 @@ class Receiver:
         session.add(instance)
         if usability == Usability.USABLE:
             session.flush()
-            queue_register(session, instance.id)
+            self.on_usable_xray(session, instance.id)
         session.execute(
             update(Series)
             .where(Series.id == series_id)
