@@ -94,7 +94,7 @@ def test_bad_input_gets_a_short_error_not_a_traceback(path, config_kind, tmp_pat
     ],
 )
 def test_init_matrix_that_is_not_a_matrix_is_one_line(tmp_path, content, expected) -> None:
-    from xvr_node.cli import _start_matrix
+    from xvr_node.cli.method import _start_matrix
 
     path = tmp_path / "start.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -107,7 +107,7 @@ def test_init_matrix_that_is_not_a_matrix_is_one_line(tmp_path, content, expecte
 
 
 def test_init_matrix_accepts_matrix_as_well_as_final_matrix(tmp_path) -> None:
-    from xvr_node.cli import _start_matrix
+    from xvr_node.cli.method import _start_matrix
 
     identity = [[1.0, 0, 0, 5], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
     for key in ("matrix", "final_matrix"):
