@@ -581,9 +581,9 @@ class RegistrationSettings(Section):
     # results were unreliable or did not start from a model are registered again.
     reregister_hours: Annotated[float, Field(ge=0)] = 24.0
     max_iterations_per_scale: PositiveInt = 500
-    optimizer: Literal["adam", "lbfgs"] = "adam"
+    optimizer: Literal["adam", "lbfgs"] = "lbfgs"
     lbfgs_iterations: PositiveInt = 30
-    lbfgs_tolerance: Annotated[float, Field(ge=0)] = 1.0e-5
+    lbfgs_tolerance: Annotated[float, Field(ge=0)] = 1.0e-6
     lbfgs_max_step: Positive = 10.0
     beta: Probability = 0.5
     lr_rotation: Positive = 1.0e-2
@@ -608,6 +608,7 @@ class RegistrationSettings(Section):
     subtract_background: bool = False
     equalize: bool = False
     multiframe: Literal["track", "max", "mean", "first"] = "track"
+    tracking_levels: NonNegativeInt = 1
     mask_labels: list[int] | None = None
 
 

@@ -12,6 +12,7 @@ from tests.support.training import TINY_TRAINING, environment
 from xvr_node.cli import cli
 from xvr_node.dicom.volume import assemble_volume, read_series_files
 from xvr_node.geometry import check_rigid, rigid, rotation_about
+from xvr_node.jobs.register import StartPolicy
 from xvr_node.xvr.metrics import mean_target_registration_error
 from xvr_node.xvr.register import RefineSettings, Registrar, downsample_volume
 from xvr_node.xvr.run import FixedStart, register_files
@@ -81,10 +82,11 @@ def test_lbfgs_converges_from_a_perturbed_truth_in_fewer_evaluations(small_phant
     centre = registrar.volume.center_lps
     turn = rotation_about("z", -5.0) @ rotation_about("y", 4.0)
     start = rigid(turn, centre - turn @ centre + np.array([-10.0, 6.0, 12.0])) @ true
-    quasi_newton = Registrar(
-        registrar.volume, RefineSettings(scales=(2, 1), optimizer="lbfgs")
-    ).register(frame, start, keep_poses=True)
-    adam = registrar.register(frame, start)
+    assert registrar.settings.optimizer == "lbfgs"  # the default
+    quasi_newton = registrar.register(frame, start, keep_poses=True)
+    adam = Registrar(registrar.volume, RefineSettings(scales=(2, 1), optimizer="adam")).register(
+        frame, start
+    )
     error = mean_target_registration_error(quasi_newton.final_matrix, true, points)
     assert mean_target_registration_error(start, true, points) > 10
     assert error < BOUND_MM, error
@@ -111,10 +113,34 @@ def test_tracking_through_a_cine_run(small_phantom, setup, tmp_path):
             np.array(record["fiducials_lps"]),
         )
         assert error < BOUND_MM, (result["frame_number"], error)
-    # Each frame starts where the previous one ended.
-    assert results[1]["initial_matrix"] == results[0]["final_matrix"]
+    # Each frame starts where the previous one ended, moved as the C-arm moved.
+    frames = read_xray_frames(files[0])
+    moved = registrar.tracked_pose(frames[1], frames[0], np.array(results[0]["final_matrix"]))
+    np.testing.assert_allclose(results[1]["initial_matrix"], moved, atol=1e-9)
     assert results[0]["conventions"]["orientation"] == "PA"
     assert results[0]["intrinsics"]["rows"] == 64
+
+
+def test_a_tracked_start_follows_the_carm(small_phantom, setup):
+    """The previous frame's true pose moved as the positioner moved lands on this frame's
+    true pose: the patient's positioning error carries over, the C-arm's rotation is added.
+    Tracked frames refine only the finest ``tracking_levels``."""
+    truth, registrar = setup
+    frames = read_xray_frames(small_phantom / "xray/CINE_002.dcm")
+    records = [truth_of(truth, "xray/CINE_002.dcm", number) for number in (1, 2)]
+    before, after = (np.array(record["matrix"]) for record in records)
+    points = np.array(records[1]["fiducials_lps"])
+    moved = registrar.tracked_pose(frames[1], frames[0], before)
+    assert mean_target_registration_error(moved, after, points) < 0.05
+    # Without the C-arm's move, the previous pose is the run's 2-degree step away.
+    assert mean_target_registration_error(before, after, points) > 1.0
+    levels = len(registrar.settings.scales_for(frames[1].intrinsics))
+    assert levels == 2
+    for tracking_levels, skipped in ((1, 1), (2, 0), (0, 0), (5, 0)):
+        policy = StartPolicy(tracking_levels=tracking_levels)
+        choice = policy.track(registrar, frames[1], frames[0], before)
+        assert choice.refined_levels == skipped, tracking_levels
+        np.testing.assert_allclose(choice.matrix, moved)
 
 
 def test_cli_register_fixed_and_evaluate(small_phantom, tmp_path):

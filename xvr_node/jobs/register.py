@@ -93,6 +93,7 @@ class StartPolicy:
     multistart: bool = False
     search: SearchSettings = field(default_factory=SearchSettings)
     gate: GateSettings = field(default_factory=GateSettings)
+    tracking_levels: int = 1
 
     @classmethod
     def from_settings(
@@ -112,7 +113,16 @@ class StartPolicy:
         order = tuple(registration.initializers)
         search = SearchSettings(**registration.multistart_search.model_dump())
         gate = GateSettings(**registration.quality.model_dump())
-        return cls(order, fixed, model, model_id, registration.multistart, search, gate)
+        return cls(
+            order,
+            fixed,
+            model,
+            model_id,
+            registration.multistart,
+            search,
+            gate,
+            registration.tracking_levels,
+        )
 
     def choose(self, registrar: Registrar, frame: XrayFrame) -> StartChoice:
         """The start to refine: with multi-start, the best after a short coarse refinement."""
@@ -133,6 +143,20 @@ class StartPolicy:
             return choose_start(registrar, frame, candidates, self.search)
         name = next(iter(candidates))
         return StartChoice(name, candidates[name], float("nan"), None, refined_levels=0)
+
+    def track(
+        self,
+        registrar: Registrar,
+        frame: XrayFrame,
+        previous_frame: XrayFrame,
+        previous_matrix: np.ndarray,
+    ) -> StartChoice:
+        """A cine frame's start (:meth:`Registrar.tracked_pose`), refined at the
+        ``tracking_levels`` finest levels only: it starts close, the coarse ones cost time."""
+        matrix = registrar.tracked_pose(frame, previous_frame, previous_matrix)
+        levels = len(registrar.settings.scales_for(frame.intrinsics))
+        skipped = 0 if self.tracking_levels == 0 else max(0, levels - self.tracking_levels)
+        return StartChoice(Initializer.TRACKING, matrix, float("nan"), None, skipped)
 
 
 def register_instance(
@@ -167,7 +191,7 @@ def register_instance(
     for index, frame in enumerate(frames):
         began = time.perf_counter()
         if previous is not None:
-            choice = StartChoice(Initializer.TRACKING, previous, float("nan"), None, 0)
+            choice = policy.track(registrar, frame, frames[index - 1], previous)
             initializer = Initializer.TRACKING
         else:
             choice = policy.choose(registrar, frame)

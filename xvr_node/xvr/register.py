@@ -64,9 +64,9 @@ class RefineSettings:
     plateau_factor: float = 0.1
     max_plateaus: int = 2
     max_iterations_per_scale: int = 500
-    optimizer: str = "adam"  # adam (fixed steps, plateau rule) or lbfgs (capped quasi-Newton)
+    optimizer: str = "lbfgs"  # lbfgs (capped quasi-Newton) or adam (fixed steps, plateau rule)
     lbfgs_iterations: int = 30  # L-BFGS evaluations per scale
-    lbfgs_tolerance: float = 1e-5  # a step gaining less similarity ends the level
+    lbfgs_tolerance: float = 1e-6  # a step gaining less similarity ends the level
     lbfgs_max_step: float = 10.0  # longest step, in whitened units (WHITE_STEP each)
     min_size_px: int = 16  # a scale never renders fewer pixels than this per side
     patch_ncc: int = 9
@@ -158,6 +158,21 @@ class Registrar:
             tuple(self.volume.center_lps),
         )
         return carm.to_matrix(frame.intrinsics)
+
+    def tracked_pose(
+        self, frame: XrayFrame, previous_frame: XrayFrame, previous_matrix: np.ndarray
+    ) -> np.ndarray:
+        """A cine frame's start: the previous frame's result, moved as the C-arm moved.
+
+        The positioner's readings are off by the patient's positioning error ``E``, but
+        ``E`` is the same for both frames: with ``D`` the pose the angles give, the previous
+        result is ``E @ D_prev``, so this frame is near ``E @ D = result @ D_prev⁻¹ @ D``.
+        Without angles on both frames the previous result is the start as it is.
+        """
+        matrix = np.asarray(previous_matrix, dtype=float)
+        if previous_frame.carm is None or frame.carm is None:
+            return matrix
+        return matrix @ np.linalg.inv(self.dicom_pose(previous_frame)) @ self.dicom_pose(frame)
 
     def fixed_pose(
         self,

@@ -85,9 +85,10 @@ def register_files(
     for file in files:
         frames = read_xray_frames(file)
         previous: Outcome | None = None
-        for frame in frames:
+        for index, frame in enumerate(frames):
             if track and previous is not None:
-                start, used = previous.final_matrix, "tracking"
+                start = registrar.tracked_pose(frame, frames[index - 1], previous.final_matrix)
+                used = "tracking"
             elif starts is not None:
                 start, used = starts(frame), initializer
             else:
