@@ -1,13 +1,15 @@
 """Job benchmarks: X-ray latency through the pipeline, and queue throughput on PostgreSQL.
 
     .venv/bin/python bench/jobs.py latency [--xrays 8] [--out bench/results]
+    .venv/bin/python bench/jobs.py latency --phantom DIR [--set SECTION__KEY=VALUE ...]
     .venv/bin/python bench/jobs.py queue [--jobs 400] [--workers 1,2,4]
 
 ``latency``: a node (SQLite, in-process worker, defaults but for 192-pixel scales) holds an
 assembled phantom CT; each X-ray is sent by C-STORE on its own association, and the time
 from the C-STORE response (the last byte acknowledged) to the committed registration is
 split into queue wait, read, initialise (multi-start scoring) and refine, from the job
-and registration rows.
+and registration rows. ``--phantom`` sends the X-rays of a phantom built elsewhere (say
+``bench/robustness.py``'s realistic 512-pixel patients) with the default levels instead.
 
 ``queue``: N no-op jobs, drained by 1, 2 and 4 ``xvr-node worker`` processes sharing a
 throw-away PostgreSQL; jobs/s from the first claim to the last completion.
@@ -61,8 +63,12 @@ def send(port: int, files: list[Path]) -> float:
 
 def latency(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="xvr-bench-jobs-"))
-    spec = PhantomSpec(seed=4, frames=args.xrays, columns=192, rows=192, multiframe=0, bead=True)
-    build_phantom(work / "phantom", spec)
+    phantom = args.phantom or work / "phantom"
+    if args.phantom is None:
+        spec = PhantomSpec(
+            seed=4, frames=args.xrays, columns=192, rows=192, multiframe=0, bead=True
+        )
+        build_phantom(phantom, spec)
     environ = {
         "XVR_NODE__STORAGE__ROOT": str(work / "store"),
         "XVR_NODE__NODE__PORT": str(free_port()),
@@ -74,6 +80,11 @@ def latency(args: argparse.Namespace) -> dict:
         "XVR_NODE__SCHEDULER__OVERNIGHT_WINDOW": "{start: '00:00', end: '00:01'}",
         "XVR_NODE__TRAINING__FINETUNE_IMMEDIATELY_WHEN_XRAY_WAITING": "false",
     }
+    if args.phantom is not None:
+        del environ["XVR_NODE__REGISTRATION__SCALES"]  # the default levels
+    for item in args.set:
+        key, _, value = item.partition("=")
+        environ[f"XVR_NODE__{key.upper()}"] = value
     settings = load_settings(None, environ=environ)
     settings.ensure_storage_root()
     upgrade(settings.database_url)
@@ -82,7 +93,7 @@ def latency(args: argparse.Namespace) -> dict:
     sessions = node.receiver.sessions
     rows = []
     try:
-        send(settings.node.port, sorted((work / "phantom/ct").glob("*.dcm")))
+        send(settings.node.port, sorted((phantom / "ct").glob("*.dcm")))
         while True:
             with sessions() as session:
                 done = session.scalar(
@@ -93,7 +104,7 @@ def latency(args: argparse.Namespace) -> dict:
             if done:
                 break
             time.sleep(0.1)
-        files = sorted((work / "phantom/xray").glob("*.dcm"))
+        files = sorted((phantom / "xray").glob("*.dcm"))[: args.xrays]
         for file in files:
             acknowledged = send(settings.node.port, [file])
             sop = str(dcmread(file, stop_before_pixels=True).SOPInstanceUID)
@@ -135,7 +146,7 @@ def latency(args: argparse.Namespace) -> dict:
         node.stop()
     summary = {
         key: round(float(np.median([r[key] for r in rows])), 3)
-        for key in ("total_s", "queue_wait_s", "read_s", "initialise_s", "refine_s")
+        for key in ("total_s", "queue_wait_s", "read_s", "initialise_s", "refine_s", "gate_s")
     }
     return {"xrays": len(rows), "median": summary, "rows": rows}
 
@@ -194,6 +205,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["latency", "queue"])
     parser.add_argument("--xrays", type=int, default=8)
+    parser.add_argument("--phantom", type=Path, help="send this phantom's CT and X-rays")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION__KEY=VALUE")
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")

@@ -41,17 +41,20 @@ LAYOUTS = [
 ]
 
 
-def build(seed: int, frames: int, size: int, root: Path) -> Path:
-    """One realistic phantom patient under ``root``; returns its folder."""
+def build(seed: int, frames: int, size: int, root: Path, cine: int = 0) -> Path:
+    """One realistic phantom patient under ``root``; returns its folder.
+
+    ``cine`` adds a rotating multi-frame run of that many frames (``bench/tracking.py``)."""
     from xvr_node.phantom import PhantomSpec, Realism, build_phantom
 
     oblique, prone, descending = LAYOUTS[seed % len(LAYOUTS)]
-    folder = root / f"seed{seed}-{size}px"
+    folder = root / (f"seed{seed}-{size}px" + (f"-cine{cine}" if cine else ""))
     build_phantom(
         folder,
         PhantomSpec(
             seed=seed,
             frames=frames,
+            multiframe=cine,
             columns=size,
             rows=size,
             flip=seed % 2 == 1,
