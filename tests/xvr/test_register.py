@@ -240,7 +240,7 @@ def test_registering_a_frame_again_supersedes_the_earlier_result(small_phantom, 
     from sqlalchemy import select
 
     from xvr_node.catalog.db import upgrade
-    from xvr_node.catalog.models import Instance, Registration, Usability, utcnow
+    from xvr_node.catalog.models import Instance, Registration, Usability, Volume, utcnow
     from xvr_node.config import load_settings
     from xvr_node.jobs.assemble import queue_stable_series, run_assemble
     from xvr_node.jobs.register import Registrars, register_instance
@@ -256,7 +256,13 @@ def test_registering_a_frame_again_supersedes_the_earlier_result(small_phantom, 
         (job,) = queue_stable_series(session, utcnow() + timedelta(minutes=1), 30.0)
         run_assemble(session, store, job.payload["series_id"])
         assert session.get(Instance, xray.instance_id).usability == Usability.USABLE
-        registrars = Registrars(store, RefineSettings(scales=(2,)))
+        registrars = Registrars(store, RefineSettings(scales=(2,)), keep=1)
+        volume = session.get(Instance, xray.instance_id).linked_volume
+        registrar = registrars.for_volume(volume)
+        assert registrars.for_volume(volume) is registrar  # kept
+        other = Volume(id=volume.id + 1000, path=volume.path)  # a second patient's CT
+        assert registrars.for_volume(other) is not registrar
+        assert registrars.for_volume(volume) is not registrar  # let go: one kept at most
         (first,) = register_instance(session, registrars, xray.instance_id)
         (second,) = register_instance(session, registrars, xray.instance_id)
         session.expire_all()

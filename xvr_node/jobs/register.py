@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -28,8 +29,14 @@ from xvr_node.xvr.xray import XrayFrame, read_xray_frames
 LOG = logging.getLogger(__name__)
 
 
+#: Registrars (each holds a CT and its pyramids) a worker keeps; the least recently used
+#: goes first, so a worker's memory follows the patients in flight, not all it has seen.
+KEEP_REGISTRARS = 3
+
+
 class Registrars:
-    """One registrar per CT volume, kept while the process runs (renderers are costly)."""
+    """One registrar per CT volume, the ``keep`` most recently used kept (they are costly
+    to build: CT read, pyramids)."""
 
     def __init__(
         self,
@@ -38,22 +45,28 @@ class Registrars:
         orientation: str = "PA",
         device: str = "cpu",
         labels: list[int] | None = None,
+        keep: int = KEEP_REGISTRARS,
     ) -> None:
         self.store = store
+        self.keep = keep
         self.settings = settings
         self.orientation = orientation
         self.device = device
         self.labels = labels
-        self._by_volume: dict[int, Registrar] = {}
+        self._by_volume: OrderedDict[int, Registrar] = OrderedDict()
         self._lock = threading.Lock()
 
     def for_volume(self, volume: Volume) -> Registrar:
         with self._lock:
-            if volume.id not in self._by_volume:
+            if volume.id in self._by_volume:
+                self._by_volume.move_to_end(volume.id)
+            else:
                 ct = CtVolume.from_nifti(self.store.absolute(volume.path))
                 self._by_volume[volume.id] = Registrar(
                     ct, self.settings, self.orientation, self.device, labels=self.labels
                 )
+                while len(self._by_volume) > self.keep:
+                    self._by_volume.popitem(last=False)
             return self._by_volume[volume.id]
 
 
