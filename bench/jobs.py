@@ -66,7 +66,7 @@ def latency(args: argparse.Namespace) -> dict:
     phantom = args.phantom or work / "phantom"
     if args.phantom is None:
         spec = PhantomSpec(
-            seed=4, frames=args.xrays, columns=192, rows=192, multiframe=0, bead=True
+            seed=4, frames=args.xrays, columns=args.size, rows=args.size, multiframe=0, bead=True
         )
         build_phantom(phantom, spec)
     environ = {
@@ -136,6 +136,7 @@ def latency(args: argparse.Namespace) -> dict:
                 time.sleep(0.05)
             row = {
                 "xray": file.name,
+                "rss_mb": resident_mb(),
                 "total_s": round(seen - acknowledged, 3),
                 "queue_wait_s": round(queued_s, 3),
                 **{k: round(v, 3) for k, v in timings.items()},
@@ -148,7 +149,34 @@ def latency(args: argparse.Namespace) -> dict:
         key: round(float(np.median([r[key] for r in rows])), 3)
         for key in ("total_s", "queue_wait_s", "read_s", "initialise_s", "refine_s", "gate_s")
     }
-    return {"xrays": len(rows), "median": summary, "rows": rows}
+    rss = [r["rss_mb"] for r in rows]
+    tail = rss[len(rss) // 4 :]  # after the first quarter: caches and allocator warmed up
+    memory = {
+        "rss_mb_first": rss[0],
+        "rss_mb_last": rss[-1],
+        "rss_mb_peak": peak_resident_mb(),
+        # Growth per 100 X-rays after warm-up (least squares): a leak shows as a steady rise.
+        "rss_mb_per_100_xrays": round(float(np.polyfit(range(len(tail)), tail, 1)[0] * 100), 2)
+        if len(tail) > 2
+        else None,
+    }
+    return {"xrays": len(rows), "median": summary, "memory": memory, "rows": rows}
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (the node and its worker run in it)."""
+    return _status_mb("VmRSS")
+
+
+def peak_resident_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
 
 def queue_throughput(args: argparse.Namespace) -> dict:
@@ -206,6 +234,7 @@ def main() -> None:
     parser.add_argument("what", choices=["latency", "queue"])
     parser.add_argument("--xrays", type=int, default=8)
     parser.add_argument("--phantom", type=Path, help="send this phantom's CT and X-rays")
+    parser.add_argument("--size", type=int, default=192, help="pixels of the built phantom")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION__KEY=VALUE")
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--workers", default="1,2,4")
