@@ -143,6 +143,26 @@ def test_a_tracked_start_follows_the_carm(small_phantom, setup):
         np.testing.assert_allclose(choice.matrix, moved)
 
 
+def test_xrays_of_many_geometries_do_not_pile_up_renderers(small_phantom, setup):
+    """Each detector geometry (SID, spacing) and level needs its own renderer, holding its own
+    copy of the resampled CT: a day of X-rays at changing SIDs kept them all (40 MB per
+    512-px X-ray). Only the most recent are kept, and scores do not depend on the eviction."""
+    from dataclasses import replace
+
+    from xvr_node.xvr.register import KEEP_RENDERERS
+
+    truth, registrar = setup
+    record = truth_of(truth, "xray/IMG_000.dcm")
+    (frame,) = read_xray_frames(small_phantom / record["file"])
+    matrix = np.array(record["matrix"])
+    first = registrar.score(frame, matrix, 1)
+    for step in range(1, KEEP_RENDERERS + 3):
+        moved = replace(frame, intrinsics=replace(frame.intrinsics, sid_mm=900.0 + 10 * step))
+        assert np.isfinite(registrar.score(moved, matrix, 1))
+        assert len(registrar._renderers) <= KEEP_RENDERERS
+    assert registrar.score(frame, matrix, 1) == pytest.approx(first, abs=1e-6)
+
+
 def test_cli_register_fixed_and_evaluate(small_phantom, tmp_path):
     record = json.loads((small_phantom / "truth.json").read_text())["xrays"][0]
     start = tmp_path / "start.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +45,11 @@ BODY_HU = -500.0
 
 #: Margin inside the CT's projected footprint, as a fraction of the level's shorter side.
 FOOTPRINT_MARGIN = 0.03
+
+#: Renderers kept (one per detector geometry and level, each with its own copy of the
+#: resampled CT): enough for a cine run's levels and the gate's, while X-rays whose SID or
+#: spacing differ do not each leave theirs behind.
+KEEP_RENDERERS = 8
 
 
 @dataclass(frozen=True)
@@ -140,7 +146,7 @@ class Registrar:
         self.frame = volume.frame(orientation)
         self.device = torch.device(device)
         self.labels = labels
-        self._renderers: dict[tuple, tuple] = {}
+        self._renderers: OrderedDict[tuple, tuple] = OrderedDict()
         self._volumes: dict[tuple[int, int, int], CtVolume] = {}
         self._end_slices: list[np.ndarray] | None = None
         self._fixed_cache: dict[tuple[int, float], tuple[XrayFrame, tuple]] = {}
@@ -533,7 +539,9 @@ class Registrar:
         on exported matrices, so the resampled CT needs no shift of its own.
         """
         key = (full, scale)
-        if key not in self._renderers:
+        if key in self._renderers:
+            self._renderers.move_to_end(key)
+        else:
             factors = self._volume_factors(full, scale)
             volume = self._volumes.get(factors) or downsample_volume(self.volume, factors)
             self._volumes[factors] = volume
@@ -551,6 +559,8 @@ class Registrar:
                 for m in (lps_from_world, camera_from_plane)
             ]
             self._renderers[key] = (projector, *factors_t)
+            while len(self._renderers) > KEEP_RENDERERS:
+                self._renderers.popitem(last=False)
         projector, left, right = self._renderers[key]
 
         def render(pose: RigidTransform, box=None) -> torch.Tensor:
