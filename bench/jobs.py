@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/jobs.py latency [--xrays 8] [--out bench/results]
     .venv/bin/python bench/jobs.py latency --phantom DIR [--set SECTION__KEY=VALUE ...]
+    .venv/bin/python bench/jobs.py latency --xrays 10 --size 128 --repeat 20   # memory
     .venv/bin/python bench/jobs.py queue [--jobs 400] [--workers 1,2,4]
 
 ``latency``: a node (SQLite, in-process worker, defaults but for 192-pixel scales) holds an
@@ -28,7 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from sqlalchemy import func, select
 
@@ -45,7 +47,7 @@ from xvr_node.node import Node  # noqa: E402
 from xvr_node.phantom import PhantomSpec, build_phantom  # noqa: E402
 
 
-def send(port: int, files: list[Path]) -> float:
+def send(port: int, files: list[Path] | list[Dataset]) -> float:
     """C-STORE on one association; the monotonic time the last response arrived."""
     ae = AE(ae_title="BENCHCARM")
     for sop_class in STORAGE_SOP_CLASSES:
@@ -53,7 +55,8 @@ def send(port: int, files: list[Path]) -> float:
     assoc = ae.associate("127.0.0.1", port, ae_title="XVRNODE")
     try:
         for file in files:
-            status = assoc.send_c_store(dcmread(file)).Status
+            dataset = file if isinstance(file, Dataset) else dcmread(file)
+            status = assoc.send_c_store(dataset).Status
             if status != 0:
                 raise RuntimeError(f"{file}: status 0x{status:04X}")
         return time.monotonic()
@@ -104,10 +107,15 @@ def latency(args: argparse.Namespace) -> dict:
             if done:
                 break
             time.sleep(0.1)
-        files = sorted((phantom / "xray").glob("*.dcm"))[: args.xrays]
-        for file in files:
-            acknowledged = send(settings.node.port, [file])
-            sop = str(dcmread(file, stop_before_pixels=True).SOPInstanceUID)
+        files = sorted((phantom / "xray").glob("*.dcm"))[: args.xrays] * args.repeat
+        for number, file in enumerate(files):
+            dataset = dcmread(file)
+            if number >= args.xrays:  # a repeat: the same image as a new instance
+                dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = (
+                    generate_uid()
+                )
+            acknowledged = send(settings.node.port, [dataset])
+            sop = str(dataset.SOPInstanceUID)
             while True:
                 with sessions() as session:
                     registration = session.scalars(
@@ -235,6 +243,9 @@ def main() -> None:
     parser.add_argument("--xrays", type=int, default=8)
     parser.add_argument("--phantom", type=Path, help="send this phantom's CT and X-rays")
     parser.add_argument("--size", type=int, default=192, help="pixels of the built phantom")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="send the X-rays this many times (new UIDs)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="SECTION__KEY=VALUE")
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--workers", default="1,2,4")
