@@ -251,14 +251,38 @@ def test_cli_register_model_then_animate(small_phantom, checkpoint, tmp_path):
     assert data["initializer"] == "model"
     check_rigid(np.array(data["initial_matrix"]))
     assert (tmp_path / "out" / "IMG_000.png").is_file()
+    # The tiny model's start shows none of the CT (similarity 0: L-BFGS stops at once), so
+    # the animation is of a registration that travels: from the positioner's angles.
+    moving = runner.invoke(
+        cli,
+        [
+            "register",
+            "dicom",
+            str(small_phantom / "xray/IMG_000.dcm"),
+            "--volume",
+            str(small_phantom / "ct"),
+            "--output",
+            str(tmp_path / "dicom"),
+            "--scales",
+            "4",
+        ],
+    )
+    assert moving.exit_code == 0, moving.output
     gif = tmp_path / "run.gif"
     animated = runner.invoke(
         cli,
-        ["animate", str(written), "--volume", str(small_phantom / "ct"), "--output", str(gif)],
+        [
+            "animate",
+            str(tmp_path / "dicom" / "IMG_000.json"),
+            "--volume",
+            str(small_phantom / "ct"),
+            "--output",
+            str(gif),
+        ],
     )
     assert animated.exit_code == 0, animated.output
     with Image.open(gif) as image:
-        assert image.n_frames > 1
+        assert image.n_frames > 1, animated.output
 
 
 def test_cli_register_multistart_records_the_chosen_start(small_phantom, tmp_path):
