@@ -1,14 +1,17 @@
 """Cine tracking benchmark: time and accuracy per tracked frame, on X-rays the node did not render.
 
     .venv/bin/python bench/tracking.py [--seeds 2] [--frames 8] [--size 512] [--threads 2]
-        [--set SECTION__KEY=VALUE ...] [--against SECTION__KEY=VALUE ...] [--out DIR]
+        [--set SECTION__KEY=VALUE ...] [--against SECTION__KEY=VALUE ...] [--cold-before]
+        [--out DIR]
 
 Each seed is a realistic phantom patient (as ``bench/robustness.py`` builds them: independent
 X-ray formation, positioning errors up to ±10° and ±30 mm) with one rotating cine run (2° of
 primary angle per frame). Each run goes through what a register job does: the first frame
 from multi-start, every later frame tracked from the one before (``StartPolicy.track``), the
 quality gate on each. With ``--against`` the same runs are registered again with that
-configuration, one run after the other in the same process (before/after, same frames).
+configuration, one run after the other in the same process (before/after, same frames);
+with ``--cold-before`` the "before" runs start each tracked frame's intensity model and
+whitening afresh instead of from the previous frame's outcome.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ import numpy as np
 from robustness import _environment, build
 
 
-def register_run(folder: Path, environ: dict[str, str], device: str) -> list[dict]:
-    """Every frame of the phantom's cine run, as the node registers it."""
+def register_run(
+    folder: Path, environ: dict[str, str], device: str, warm: bool = True
+) -> list[dict]:
+    """Every frame of the phantom's cine run, as the node registers it (``warm``: each
+    tracked frame starts from the previous frame's outcome, as register jobs do)."""
     from xvr_node.config import load_settings
     from xvr_node.dicom.volume import assemble_volume, read_series_files
     from xvr_node.jobs.register import StartPolicy
@@ -48,11 +54,16 @@ def register_run(folder: Path, environ: dict[str, str], device: str) -> list[dic
         if previous is None:
             choice = policy.choose(registrar, frame)
         else:
-            choice = policy.track(registrar, frame, frames[index - 1], previous)
-        outcome = registrar.register(frame, choice.matrix, first_level=choice.refined_levels)
+            choice = policy.track(registrar, frame, frames[index - 1], previous.final_matrix)
+        outcome = registrar.register(
+            frame,
+            choice.matrix,
+            first_level=choice.refined_levels,
+            warm=previous if warm else None,
+        )
         verdict = assess(registrar, frame, outcome, choice.margin, policy.gate)
         seconds = time.perf_counter() - started
-        previous = outcome.final_matrix
+        previous = outcome
         rows.append(
             {
                 "phantom": folder.name,
@@ -102,6 +113,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION__KEY=VALUE")
     parser.add_argument("--against", action="append", default=[], metavar="SECTION__KEY=VALUE")
+    parser.add_argument(
+        "--cold-before",
+        action="store_true",
+        help="also run without the previous frame's warm start, as 'before'",
+    )
     parser.add_argument("--phantoms", type=Path, help="reuse the phantoms of an earlier run")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
@@ -116,14 +132,24 @@ def main() -> None:
         if not (folder / "truth.json").exists():
             build(seed, 0, args.size, root, cine=args.frames)
         folders.append(folder)
-    configurations = {"after": _environment({}, args.set)}
-    if args.against:
-        configurations["before"] = _environment(configurations["after"], args.against)
+    configurations = {"after": (_environment({}, args.set), True)}
+    if args.against or args.cold_before:
+        before = _environment(configurations["after"][0], args.against)
+        configurations["before"] = (before, not args.cold_before)
     results = {}
     for name in sorted(configurations, key=["before", "after"].index):
-        environ = configurations[name]
-        rows = [row for folder in folders for row in register_run(folder, environ, args.device)]
-        results[name] = {"summary": summarize(rows), "rows": rows, "environ": environ}
+        environ, warm = configurations[name]
+        rows = [
+            row
+            for folder in folders
+            for row in register_run(folder, environ, args.device, warm=warm)
+        ]
+        results[name] = {
+            "summary": summarize(rows),
+            "rows": rows,
+            "environ": environ,
+            "warm": warm,
+        }
         print(name, json.dumps(results[name]["summary"], indent=1), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tracking.json").write_text(json.dumps(results, indent=1))

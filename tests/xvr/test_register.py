@@ -14,7 +14,7 @@ from xvr_node.dicom.volume import assemble_volume, read_series_files
 from xvr_node.geometry import check_rigid, rigid, rotation_about
 from xvr_node.jobs.register import StartPolicy
 from xvr_node.xvr.metrics import mean_target_registration_error
-from xvr_node.xvr.register import RefineSettings, Registrar, downsample_volume
+from xvr_node.xvr.register import INTENSITY_START, RefineSettings, Registrar, downsample_volume
 from xvr_node.xvr.run import FixedStart, register_files
 from xvr_node.xvr.xray import read_xray_frames
 
@@ -141,6 +141,36 @@ def test_a_tracked_start_follows_the_carm(small_phantom, setup):
         choice = policy.track(registrar, frames[1], frames[0], before)
         assert choice.refined_levels == skipped, tracking_levels
         np.testing.assert_allclose(choice.matrix, moved)
+
+
+def test_a_warm_tracked_frame_reuses_the_previous_beam_and_metric(
+    small_phantom, setup, monkeypatch
+):
+    """A tracked frame warm-started from the previous outcome starts from its fitted
+    intensity model and whitening (measured once per run, not per frame) and still lands."""
+    truth, registrar = setup
+    frames = read_xray_frames(small_phantom / "xray/CINE_002.dcm")
+    record = truth_of(truth, "xray/CINE_002.dcm", 2)
+    first = registrar.register(frames[0], registrar.dicom_pose(frames[0]))
+    assert first.whitening is not None and first.intensity is not None
+    assert first.intensity != list(INTENSITY_START)  # fitted to the beam
+    measured = []
+    original = Registrar._whitening
+    monkeypatch.setattr(
+        Registrar,
+        "_whitening",
+        lambda self, *args: measured.append(1) or original(self, *args),
+    )
+    start = registrar.tracked_pose(frames[1], frames[0], first.final_matrix)
+    warm = registrar.register(frames[1], start, first_level=1, warm=first)
+    assert measured == []
+    assert warm.whitening is first.whitening
+    cold = registrar.register(frames[1], start, first_level=1)
+    assert measured == [1]
+    true, points = np.array(record["matrix"]), np.array(record["fiducials_lps"])
+    assert mean_target_registration_error(warm.final_matrix, true, points) < BOUND_MM
+    # The cold start fits the intensity model from the default again: more evaluations.
+    assert warm.iterations < cold.iterations, (warm.iterations, cold.iterations)
 
 
 def test_xrays_of_many_geometries_do_not_pile_up_renderers(small_phantom, setup):

@@ -22,7 +22,7 @@ from xvr_node.geometry import reverse_x_axis_for
 from xvr_node.xvr.initialize import ModelInitializer
 from xvr_node.xvr.multistart import SearchSettings, StartChoice, choose_start
 from xvr_node.xvr.quality import GateSettings, assess
-from xvr_node.xvr.register import RefineSettings, Registrar
+from xvr_node.xvr.register import Outcome, RefineSettings, Registrar
 from xvr_node.xvr.run import FixedStart, initial_matrix
 from xvr_node.xvr.xray import XrayFrame, read_xray_frames
 
@@ -200,20 +200,22 @@ def register_instance(
     )
     read_s = (time.perf_counter() - began) / len(frames)
     rows: list[Registration] = []
-    previous: np.ndarray | None = None
+    previous: Outcome | None = None
     for index, frame in enumerate(frames):
         began = time.perf_counter()
         if previous is not None:
-            choice = policy.track(registrar, frame, frames[index - 1], previous)
+            choice = policy.track(registrar, frame, frames[index - 1], previous.final_matrix)
             initializer = Initializer.TRACKING
         else:
             choice = policy.choose(registrar, frame)
             initializer = Initializer.MULTISTART if policy.multistart else choice.name
         initialise_s = time.perf_counter() - began
-        outcome = registrar.register(frame, choice.matrix, first_level=choice.refined_levels)
+        outcome = registrar.register(
+            frame, choice.matrix, first_level=choice.refined_levels, warm=previous
+        )
         refined_s = time.perf_counter() - began - initialise_s
         verdict = assess(registrar, frame, outcome, choice.margin, policy.gate)
-        previous = outcome.final_matrix
+        previous = outcome
         scores = choice.summary() if choice.candidates else {}
         used_model = choice.name.startswith(Initializer.MODEL)
         row = Registration(

@@ -127,6 +127,7 @@ class Outcome:
     trajectory: list[dict] = field(default_factory=list)  # per iteration: scale, similarity
     poses: list[np.ndarray] = field(default_factory=list)  # matrices, for animations
     intensity: list[float] | None = None  # fitted X-ray intensity model: log gain, scatter logit
+    whitening: torch.Tensor | None = None  # the L-BFGS metric it used (see Registrar._whitening)
 
 
 class Registrar:
@@ -281,10 +282,13 @@ class Registrar:
         progress: Callable[[dict], None] | None = None,
         keep_poses: bool = False,
         first_level: int = 0,
+        warm: Outcome | None = None,
     ) -> Outcome:
         """Refine ``initial_matrix`` (image plane → CT LPS) against ``frame``, coarse to fine.
 
         ``first_level`` skips the coarsest levels, for a start multi-start already refined there.
+        ``warm``, the previous frame's outcome of a cine run, lends its intensity model and
+        its whitening: the same beam and nearly the same view, so neither is fitted again.
         """
         started = time.perf_counter()
         s = self.settings
@@ -296,14 +300,17 @@ class Registrar:
         rotation = torch.nn.Parameter(rotation[None])
         shift = torch.nn.Parameter(shift[None])
         # log gain and scatter logit of the X-ray's intensity model (robust similarity only).
-        intensity = torch.nn.Parameter(torch.tensor(INTENSITY_START, device=self.device))
+        intensity_start = INTENSITY_START
+        if warm is not None and warm.intensity is not None:
+            intensity_start = tuple(warm.intensity)
+        intensity = torch.nn.Parameter(torch.tensor(intensity_start, device=self.device))
         fit_intensity = s.similarity == "robust"
         trajectory: list[dict] = []
         poses: list[np.ndarray] = []
         iterations = 0
         best = -math.inf
         scales = s.scales_for(frame.intrinsics)
-        whitening: torch.Tensor | None = None
+        whitening = None if warm is None else warm.whitening
         first_level = min(first_level, len(scales) - 1)
         step = s.lr_shrink**first_level
         for scale_index, scale in enumerate(scales[first_level:], start=first_level):
@@ -355,6 +362,7 @@ class Registrar:
             trajectory=trajectory,
             poses=poses,
             intensity=fitted,
+            whitening=whitening,
         )
 
     def _adam_level(

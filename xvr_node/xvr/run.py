@@ -86,14 +86,15 @@ def register_files(
         frames = read_xray_frames(file)
         previous: Outcome | None = None
         for index, frame in enumerate(frames):
-            if track and previous is not None:
-                start = registrar.tracked_pose(frame, frames[index - 1], previous.final_matrix)
+            warm = previous if track else None
+            if warm is not None:
+                start = registrar.tracked_pose(frame, frames[index - 1], warm.final_matrix)
                 used = "tracking"
             elif starts is not None:
                 start, used = starts(frame), initializer
             else:
                 start, used = initial_matrix(registrar, frame, initializer, fixed), initializer
-            outcome = registrar.register(frame, start)
+            outcome = registrar.register(frame, start, warm=warm)
             previous = outcome
             path = out_dir / f"{Path(file).stem}{_frame_suffix(frame)}.json"
             path.write_text(json.dumps(result_json(frame, outcome, used, registrar), indent=1))
