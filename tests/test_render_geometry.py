@@ -119,3 +119,30 @@ def test_a_view_split_over_threads_renders_and_differentiates_the_same(small_ct)
     (one, gradient_one), (split, gradient_split) = results
     torch.testing.assert_close(split, one)
     torch.testing.assert_close(gradient_split, gradient_one, rtol=1e-4, atol=1e-4)
+
+
+def test_chosen_rays_render_as_the_whole_grid_and_leave_the_rest_dark(small_ct):
+    """Marching only the rays a similarity reads gives those pixels, and their gradient
+    through the view, exactly as the whole box does."""
+    intrinsics = CASES["non-square"][0]
+    matrix = CarmPose(15.0, -5.0, 700.0, tuple(small_ct.center_lps)).to_matrix(intrinsics)
+    projector = Projector(small_ct, intrinsics)
+    box = (3, 45, 2, 77)
+    height, width = box[1] - box[0], box[3] - box[2]
+    rows, columns = np.mgrid[:height, :width]
+    chosen = torch.as_tensor(((rows - 20) ** 2 + (columns - 37) ** 2 < 18**2).ravel())
+    rays = torch.nonzero(chosen).flatten()
+    results = []
+    for subset in (None, rays):
+        view = torch.as_tensor(matrix, dtype=torch.float32)[None].requires_grad_(True)
+        image = projector(view, box, rays=subset)
+        weights = torch.linspace(0, 1, image.numel()).reshape(image.shape) * chosen.reshape(
+            image.shape
+        )
+        (image * weights).sum().backward()
+        results.append((image.detach(), view.grad))
+    (whole, gradient_whole), (part, gradient_part) = results
+    inside = chosen.reshape(whole.shape)
+    torch.testing.assert_close(part[inside], whole[inside])
+    assert (part[~inside] == 0).all() and (whole[~inside] > 0).any()
+    torch.testing.assert_close(gradient_part, gradient_whole, rtol=1e-4, atol=1e-4)

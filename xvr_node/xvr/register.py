@@ -216,7 +216,7 @@ class Registrar:
         mask = mask * self._footprint(frame, [matrix], scale)
         crop = _box(mask, crop, self._patch_reach)
         with torch.no_grad():
-            moving = render(self._pose_tensor(matrix, frame.intrinsics), crop)
+            moving = render(self._pose_tensor(matrix, frame.intrinsics), crop, _rays(mask, crop))
             if intensity is not None:
                 moving = self._apparent(moving, torch.tensor(intensity, device=self.device))
             return float(self._similarity(fixed, moving, mask, crop).mean())
@@ -229,8 +229,9 @@ class Registrar:
         render = self._renderer(frame.intrinsics, scale)
         mask = mask * self._footprint(frame, matrices, scale)
         crop = _box(mask, crop, self._patch_reach)
+        rays = _rays(mask, crop)
         with torch.no_grad():
-            moving = render(self._pose_tensor(np.stack(matrices), frame.intrinsics), crop)
+            moving = render(self._pose_tensor(np.stack(matrices), frame.intrinsics), crop, rays)
             scores = self._similarity(fixed, moving, mask, crop)
         return scores.cpu().double().numpy()
 
@@ -256,6 +257,7 @@ class Registrar:
         fixed, mask, crop = self._fixed_image(frame, scale)
         mask = mask * self._footprint(frame, matrices, scale)
         crop = _box(mask, crop, self._patch_reach)
+        rays = _rays(mask, crop)
         render = self._renderer(frame.intrinsics, scale)
         optimizer = torch.optim.Adam(
             [
@@ -267,7 +269,7 @@ class Registrar:
         for _ in range(iterations):
             optimizer.zero_grad()
             pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
-            moving = render(pose, crop)
+            moving = render(pose, crop, rays)
             self._similarity(fixed, moving, mask, crop).sum().backward()
             optimizer.step()
         with torch.no_grad():
@@ -325,7 +327,9 @@ class Registrar:
             crop = _box(mask, crop, self._patch_reach)
             render = self._renderer(frame.intrinsics, scale)
             scale_started = time.perf_counter()
-            level = _Level(float(scale), frame.intrinsics, render, fixed, mask, crop)
+            level = _Level(
+                float(scale), frame.intrinsics, render, fixed, mask, crop, _rays(mask, crop)
+            )
             parameters = (rotation, shift, intensity if fit_intensity else None)
             record_poses = poses if keep_poses else None
             if s.optimizer == "lbfgs":
@@ -515,7 +519,7 @@ class Registrar:
                 parameterization="euler_angles",
                 convention="ZXY",
             )
-            images = level.render(pose, level.crop).flatten(1)
+            images = level.render(pose, level.crop, level.rays).flatten(1)
             top, bottom, left, right = level.crop
             keep = level.mask[..., top:bottom, left:right].flatten() > 0
             if keep.sum() > 1:
@@ -571,8 +575,8 @@ class Registrar:
                 self._renderers.popitem(last=False)
         projector, left, right = self._renderers[key]
 
-        def render(pose: RigidTransform, box=None) -> torch.Tensor:
-            return projector(left @ pose.matrix @ right, box)
+        def render(pose: RigidTransform, box=None, rays=None) -> torch.Tensor:
+            return projector(left @ pose.matrix @ right, box, rays=rays)
 
         return render
 
@@ -748,12 +752,13 @@ class _Level:
     fixed: torch.Tensor
     mask: torch.Tensor
     crop: tuple[int, int, int, int]
+    rays: torch.Tensor | None  # the crop's pixels worth marching (see _rays)
 
     def similarity(
         self, registrar: Registrar, pose: RigidTransform, intensity: torch.Tensor | None
     ) -> torch.Tensor:
         """Similarity of the DRR at ``pose`` (through ``intensity`` when fitted)."""
-        moving = self.render(pose, self.crop)
+        moving = self.render(pose, self.crop, self.rays)
         if intensity is not None:
             moving = registrar._apparent(moving, intensity)
         return registrar._similarity(self.fixed, moving, self.mask, self.crop).mean()
@@ -779,6 +784,16 @@ def _box(
     if min(box[1] - box[0], box[3] - box[2]) < 2 * pad:
         return field
     return box
+
+
+def _rays(mask: torch.Tensor, crop: tuple[int, int, int, int]) -> torch.Tensor | None:
+    """Flat indices of the crop's pixels inside ``mask`` (any of a batch's): the only rays
+    worth marching, since the similarity weighs every pixel by the mask before it looks at
+    it (the rest are 0 in every term). None when the mask leaves nothing there."""
+    top, bottom, left, right = crop
+    inside = mask[..., top:bottom, left:right].flatten(0, -3).any(dim=0).flatten()
+    rays = torch.nonzero(inside).flatten()
+    return rays if rays.numel() else None
 
 
 def downsample_volume(volume: CtVolume, factors: tuple[int, int, int]) -> CtVolume:

@@ -114,44 +114,53 @@ class Projector:
         return hu_to_density(self._hu, bone_contrast)
 
     def __call__(
-        self, matrices: torch.Tensor, box: Box | None = None, density: torch.Tensor | None = None
+        self,
+        matrices: torch.Tensor,
+        box: Box | None = None,
+        density: torch.Tensor | None = None,
+        rays: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Line integrals (B, 1, h, w) for matrices (B, 4, 4), over ``box`` or the whole grid.
 
-        ``density`` (from :meth:`density`) replaces the CT's for this call only.
+        ``density`` (from :meth:`density`) replaces the CT's for this call only. ``rays``, flat
+        indices into the box's pixels, marches those rays only and leaves the others 0: a
+        similarity that reads the open field only need not pay for its corners.
         """
         self.subject._image_hu = self._image if density is None else density
         top, bottom, left, right = box or (0, self.rows, 0, self.columns)
         matrices = matrices.to(device=self.device, dtype=torch.float32)
         batch = matrices.shape[0]
         height, width = bottom - top, right - left
-        targets = self._pixels[top:bottom, left:right].reshape(1, -1, 3).expand(batch, -1, -1)
-        rays = height * width
+        targets = self._pixels[top:bottom, left:right].reshape(1, -1, 3)
+        if rays is not None:
+            rays = rays.to(self.device)
+            targets = targets[:, rays]
+        targets = targets.expand(batch, -1, -1)
+        count = targets.shape[1]
         # On CPU, torch samples a volume in parallel over the batch only: a view alone is
         # split into one part per thread so that every core marches rays.
         parts = 1
         if self.device.type == "cpu":
-            parts = max(1, min(torch.get_num_threads() // batch, rays // MIN_RAYS_PER_PART))
-        if parts > 1:
-            per_part = -(-rays // parts)
-            padding = per_part * parts - rays
+            parts = max(1, min(torch.get_num_threads() // batch, count // MIN_RAYS_PER_PART))
+        per_part = -(-count // parts)
+        padding = per_part * parts - count
+        if padding:
             targets = torch.cat([targets, targets[:, -1:].expand(-1, padding, -1)], dim=1)
-            targets = targets.reshape(batch * parts, per_part, 3)
-            matrices = matrices.repeat_interleave(parts, dim=0)
         image = march(
             self.subject,
             None,
-            matrices,
+            matrices.repeat_interleave(parts, dim=0),
             None,
-            1 if parts > 1 else height,
-            targets.shape[1] if parts > 1 else width,
+            1,
+            per_part,
             n_samples=self.samples,
             src=self._source.expand(batch * parts, -1, -1),
-            tgt=targets,
+            tgt=targets.reshape(batch * parts, per_part, 3),
         )
-        if parts > 1:
-            image = image.reshape(batch, 1, -1)[..., :rays].reshape(batch, 1, height, width)
-        return image
+        image = image.reshape(batch, 1, -1)[..., :count]
+        if rays is not None:
+            image = image.new_zeros(batch, 1, height * width).index_copy(2, rays, image)
+        return image.reshape(batch, 1, height, width)
 
     def render_numpy(self, matrices: np.ndarray) -> torch.Tensor:
         """Line integrals (N, 1, H, W) for exported matrices, without gradient, in chunks."""
