@@ -576,7 +576,7 @@ class RegistrationSettings(Section):
         Annotated[list[Annotated[float, Field(ge=1)]], AfterValidator(_coarse_to_fine)] | None
     ) = None
     similarity: Literal["robust", "mncc_gncc"] = "robust"
-    step_voxels: float = Field(default=1.5, gt=0, le=4)
+    step_voxels: float = Field(default=2.0, gt=0, le=4)
     # When a patient's model becomes usable, their X-rays of the last this many hours whose
     # results were unreliable or did not start from a model are registered again.
     reregister_hours: Annotated[float, Field(ge=0)] = 24.0
