@@ -25,7 +25,7 @@ def quadratic(scales: list[float], centre: list[float]):
 def test_converges_in_few_evaluations_where_gradient_steps_would_crawl():
     # Condition number 100: plain steps of the gradient's size need hundreds of them.
     evaluate, seen = quadratic([1.0, 0.1, 0.01], [3.0, -2.0, 5.0])
-    best = minimize(evaluate, torch.zeros(3, dtype=torch.float64), 60, lambda: 1e-12, 100.0)
+    best = minimize(evaluate, torch.zeros(3, dtype=torch.float64), 60, lambda: 1e-12, 100.0).x
     torch.testing.assert_close(best, torch.tensor([3.0, -2.0, 5.0], dtype=torch.float64))
     assert len(seen) < 40
 
@@ -42,13 +42,29 @@ def test_no_step_is_longer_than_allowed():
 def test_returns_the_start_when_nothing_gains():
     evaluate, seen = quadratic([1.0, 2.0], [0.0, 0.0])
     start = torch.zeros(2, dtype=torch.float64)
-    assert torch.equal(minimize(evaluate, start, 10, lambda: 0.0, 1.0), start)
+    assert torch.equal(minimize(evaluate, start, 10, lambda: 0.0, 1.0).x, start)
     assert len(seen) == 1  # a zero gradient: no step is tried
 
 
 def test_stops_when_the_evaluations_run_out_and_keeps_the_best_point():
     evaluate, seen = quadratic([1.0, 0.001], [10.0, 10.0])
-    best = minimize(evaluate, torch.zeros(2, dtype=torch.float64), 5, lambda: 0.0, 1.0)
+    best = minimize(evaluate, torch.zeros(2, dtype=torch.float64), 5, lambda: 0.0, 1.0).x
     assert len(seen) == 5
     values = [evaluate(x)[0] for x in list(seen)]
     assert evaluate(best)[0] == min(values)
+
+
+def test_curvature_learned_before_saves_evaluations_later():
+    """A pyramid's premise for carrying pairs: the same unknowns, the same curvature."""
+    scales, centre = [1.0, 0.1, 0.01], [3.0, -2.0, 5.0]
+    evaluate, _ = quadratic(scales, centre)
+    learned = minimize(evaluate, torch.zeros(3, dtype=torch.float64), 60, lambda: 1e-12, 100.0)
+    assert learned.pairs  # what the first search knew about the curvature at its end
+    near = torch.tensor([3.5, -2.5, 7.0], dtype=torch.float64)
+    counts = []
+    for curvature in (None, lambda: learned.pairs):
+        evaluate, seen = quadratic(scales, centre)
+        best = minimize(evaluate, near, 60, lambda: 1e-12, 100.0, curvature=curvature).x
+        torch.testing.assert_close(best, torch.tensor(centre, dtype=torch.float64))
+        counts.append(len(seen))
+    assert counts[1] < 0.7 * counts[0]  # 7 against 12 evaluations

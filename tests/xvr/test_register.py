@@ -160,12 +160,13 @@ def test_a_warm_tracked_frame_reuses_the_previous_beam_and_metric(
     small_phantom, setup, monkeypatch
 ):
     """A tracked frame warm-started from the previous outcome starts from its fitted
-    intensity model and whitening (measured once per run, not per frame) and still lands."""
+    intensity model, whitening (measured once per run, not per frame) and L-BFGS curvature,
+    and still lands."""
     truth, registrar = setup
     frames = read_xray_frames(small_phantom / "xray/CINE_002.dcm")
     record = truth_of(truth, "xray/CINE_002.dcm", 2)
     first = registrar.register(frames[0], registrar.dicom_pose(frames[0]))
-    assert first.whitening is not None and first.intensity is not None
+    assert first.whitening is not None and first.intensity is not None and first.curvature
     assert first.intensity != list(INTENSITY_START)  # fitted to the beam
     measured = []
     original = Registrar._whitening

@@ -6,11 +6,14 @@ trial, which sent trial poses 88-167 mm away on realistic X-rays. Here each step
 two-loop L-BFGS direction, cut so that no unknown moves more than ``max_step``, then
 shortened by ``BACKTRACK`` (Armijo) until it gains enough; the unknowns are expected to be
 scaled so that one unit means the same in every direction (see ``Registrar._whitening``).
+Because those unknowns mean the same at every level of a pyramid, the curvature one level
+learned can start the next (``curvature``), rather than a plain gradient step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -20,6 +23,16 @@ ARMIJO = 1e-4
 #: Each backtracking trial shortens the step by this factor.
 BACKTRACK = 0.3
 
+#: A curvature pair: a step taken and the change of the gradient along it.
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+class Minimum(NamedTuple):
+    """The best point found, and the curvature pairs in force there (newest last)."""
+
+    x: torch.Tensor
+    pairs: list[Pair]
+
 
 def minimize(
     evaluate: Callable[[torch.Tensor], tuple[float, torch.Tensor]],
@@ -28,17 +41,22 @@ def minimize(
     tolerance: Callable[[], float],
     max_step: float,
     history: int = 8,
-) -> torch.Tensor:
+    curvature: Callable[[], list[Pair]] | None = None,
+) -> Minimum:
     """The best point found from ``start`` within ``evaluations`` calls of ``evaluate``.
 
     ``evaluate(x)`` returns the value to minimise and its gradient. The search stops when an
-    accepted step gains less than ``tolerance()`` (asked after the first evaluation, so that
-    it can depend on it), or when the evaluations run out.
+    accepted step gains less than ``tolerance()``, or when the evaluations run out.
+    ``curvature()`` gives pairs learned on the same unknowns before (in ``evaluate``'s
+    units) to take the first steps with. Both are asked after the first evaluation, so that
+    they can depend on it.
     """
     x = start.detach().clone()
     value, gradient = evaluate(x)
     used = 1
     steps: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / y·s)
+    for moved, turned in (curvature() if curvature is not None else [])[-history:]:
+        _remember(steps, moved, turned, history)
     while used < evaluations:
         direction = _direction(gradient, steps)
         slope = float(gradient @ direction)
@@ -60,16 +78,25 @@ def minimize(
             fraction *= BACKTRACK
         if trial_value >= value:  # out of evaluations without a gain
             break
-        moved, turned = trial - x, trial_gradient - gradient
-        curvature = float(turned @ moved)
-        if curvature > 1e-12:
-            steps.append((moved, turned, 1.0 / curvature))
-            del steps[:-history]
+        _remember(steps, trial - x, trial_gradient - gradient, history)
         gain = value - trial_value
         x, value, gradient = trial, trial_value, trial_gradient
         if gain < tolerance():
             break
-    return x
+    return Minimum(x, [(moved, turned) for moved, turned, _ in steps])
+
+
+def _remember(
+    steps: list[tuple[torch.Tensor, torch.Tensor, float]],
+    moved: torch.Tensor,
+    turned: torch.Tensor,
+    history: int,
+) -> None:
+    """Keep a curvature pair when it curves upwards (else it would spoil the estimate)."""
+    curvature = float(turned @ moved)
+    if curvature > 1e-12:
+        steps.append((moved, turned, 1.0 / curvature))
+        del steps[:-history]
 
 
 def _direction(

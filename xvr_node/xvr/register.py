@@ -20,7 +20,7 @@ from scipy.spatial import ConvexHull
 from xvr_node.ct_volume import CtVolume
 from xvr_node.geometry import CarmPose, Intrinsics, pose_to_euler_zxy, project
 from xvr_node.xvr.losses import masked_similarity
-from xvr_node.xvr.optimize import minimize
+from xvr_node.xvr.optimize import Pair, minimize
 from xvr_node.xvr.renderer import MU_WATER_PER_MM, STEP_VOXELS, Projector
 from xvr_node.xvr.xray import XrayFrame, line_integrals
 
@@ -128,6 +128,8 @@ class Outcome:
     poses: list[np.ndarray] = field(default_factory=list)  # matrices, for animations
     intensity: list[float] | None = None  # fitted X-ray intensity model: log gain, scatter logit
     whitening: torch.Tensor | None = None  # the L-BFGS metric it used (see Registrar._whitening)
+    # L-BFGS's curvature pairs at the end, in similarity units (see Registrar._lbfgs_level)
+    curvature: list[Pair] | None = None
 
 
 class Registrar:
@@ -289,8 +291,9 @@ class Registrar:
         """Refine ``initial_matrix`` (image plane → CT LPS) against ``frame``, coarse to fine.
 
         ``first_level`` skips the coarsest levels, for a start multi-start already refined there.
-        ``warm``, the previous frame's outcome of a cine run, lends its intensity model and
-        its whitening: the same beam and nearly the same view, so neither is fitted again.
+        ``warm``, the previous frame's outcome of a cine run, lends its intensity model, its
+        whitening and its curvature: the same beam and nearly the same view, so none is
+        learned again.
         """
         started = time.perf_counter()
         s = self.settings
@@ -313,6 +316,7 @@ class Registrar:
         best = -math.inf
         scales = s.scales_for(frame.intrinsics)
         whitening = None if warm is None else warm.whitening
+        curvature = None if warm is None else warm.curvature
         first_level = min(first_level, len(scales) - 1)
         step = s.lr_shrink**first_level
         for scale_index, scale in enumerate(scales[first_level:], start=first_level):
@@ -335,7 +339,9 @@ class Registrar:
             if s.optimizer == "lbfgs":
                 if whitening is None:
                     whitening = self._whitening(level, rotation, shift, step)
-                self._lbfgs_level(level, parameters, whitening, trajectory, record_poses, progress)
+                curvature = self._lbfgs_level(
+                    level, parameters, whitening, curvature, trajectory, record_poses, progress
+                )
             else:
                 self._adam_level(level, parameters, step, trajectory, record_poses, progress)
             iterations = len(trajectory)
@@ -367,6 +373,7 @@ class Registrar:
             poses=poses,
             intensity=fitted,
             whitening=whitening,
+            curvature=curvature,
         )
 
     def _adam_level(
@@ -419,16 +426,20 @@ class Registrar:
         level: _Level,
         parameters: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
         whitening: torch.Tensor,
+        curvature: list[Pair] | None,
         trajectory: list[dict],
         poses: list[np.ndarray] | None,
         progress: Callable[[dict], None] | None,
-    ) -> None:
+    ) -> list[Pair]:
         """One level by L-BFGS with capped, backtracked steps, in whitened unknowns.
 
         ``whitening`` (from :meth:`_whitening`) makes every pose direction change the DRR
         alike, so a quasi-Newton method travels in a few steps what Adam covers in tens of
-        fixed-size ones, depth included. Every evaluation (backtracking trials too) is one
-        iteration. The parameters are updated in place.
+        fixed-size ones, depth included. ``curvature``, the pairs a coarser level (or the
+        previous cine frame) ended with, starts it with quasi-Newton steps instead of a
+        gradient step that overshoots near the optimum. Every evaluation (backtracking trials
+        too) is one iteration. The parameters are updated in place; the curvature pairs this
+        level ended with are returned, in similarity units.
         """
         s = self.settings
         rotation, shift, intensity = parameters
@@ -457,14 +468,17 @@ class Registrar:
 
         unknowns = 6 + (2 if intensity is not None else 0)
         first = torch.zeros(unknowns, device=self.device)
-        # The tolerance is a gain in similarity; the minimised value is scaled by the first
-        # gradient, which is known only after the first evaluation.
-        best = minimize(
+        # The minimised value is scaled by the first gradient, known only after the first
+        # evaluation; the tolerance (a gain in similarity) and the carried curvature pairs (in
+        # similarity units, as the slope differs between levels) are scaled to match.
+        carried = [pair for pair in curvature or [] if pair[0].numel() == unknowns]
+        best, pairs = minimize(
             evaluate,
             first,
             evaluations=s.lbfgs_iterations,
             tolerance=lambda: s.lbfgs_tolerance / gradient_scale[0],
             max_step=s.lbfgs_max_step,
+            curvature=lambda: [(step, change / gradient_scale[0]) for step, change in carried],
         )
         with torch.no_grad():
             rot, sh, fitted = unpack(best)
@@ -472,6 +486,7 @@ class Registrar:
             shift.copy_(sh)
             if intensity is not None:
                 intensity.copy_(fitted)
+        return [(step, change * gradient_scale[0]) for step, change in pairs]
 
     def _record(
         self,
