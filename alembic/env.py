@@ -36,7 +36,6 @@ def run_migrations_offline() -> None:
     context.configure(
         url=url,
         target_metadata=target_metadata,
-        render_as_batch=url.startswith("sqlite"),
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
     )
@@ -48,24 +47,9 @@ def run_migrations_online() -> None:
     engine = make_engine(database_url())
     try:
         with engine.connect() as connection:
-            is_sqlite = connection.dialect.name == "sqlite"
-            if is_sqlite:
-                # A batch migration drops and re-creates tables: with foreign keys enforced
-                # that would cascade into (or be refused by) the rows that refer to them.
-                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
-                connection.commit()
-            context.configure(
-                connection=connection,
-                target_metadata=target_metadata,
-                # SQLite cannot ALTER most things: batch mode rebuilds the table instead.
-                render_as_batch=is_sqlite,
-            )
+            context.configure(connection=connection, target_metadata=target_metadata)
             with context.begin_transaction():
                 context.run_migrations()
-            if is_sqlite:
-                problems = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-                if problems:
-                    raise RuntimeError(f"migration left broken foreign keys: {problems[:5]}")
     finally:
         engine.dispose()
 

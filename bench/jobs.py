@@ -4,13 +4,18 @@
     .venv/bin/python bench/jobs.py latency --phantom DIR [--set SECTION__KEY=VALUE ...]
     .venv/bin/python bench/jobs.py latency --xrays 10 --size 128 --repeat 20   # memory
     .venv/bin/python bench/jobs.py queue [--jobs 400] [--workers 1,2,4]
+    .venv/bin/python bench/jobs.py startup [--repeat 5]
 
-``latency``: a node (SQLite, in-process worker, defaults but for 192-pixel scales) holds an
-assembled phantom CT; each X-ray is sent by C-STORE on its own association, and the time
-from the C-STORE response (the last byte acknowledged) to the committed registration is
-split into queue wait, read, initialise (multi-start scoring) and refine, from the job
-and registration rows. ``--phantom`` sends the X-rays of a phantom built elsewhere (say
+``latency``: a node (embedded PostgreSQL, in-process worker, defaults but for 192-pixel
+scales) holds an assembled phantom CT; each X-ray is sent by C-STORE on its own association,
+and the time from the C-STORE response (the last byte acknowledged) to the committed
+registration is split into queue wait, read, initialise (multi-start scoring) and refine,
+from the job and registration rows. ``--phantom`` sends the X-rays of a phantom built elsewhere (say
 ``bench/robustness.py``'s realistic 512-pixel patients) with the default levels instead.
+
+``startup``: ``xvr-node serve`` on the embedded default catalog: the first ``db upgrade``
+(initialises the cluster), then the time from launch to listening, and from SIGTERM to exit
+(the node stops its catalog server; checked), ``--repeat`` times.
 
 ``queue``: N no-op jobs, drained by 1, 2 and 4 ``xvr-node worker`` processes sharing a
 throw-away PostgreSQL; jobs/s from the first claim to the last completion.
@@ -26,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from xvr_node.catalog.db import make_engine, session_factory, upgrade  # noqa: E402
+from xvr_node.catalog.embedded import catalog_server  # noqa: E402
 from xvr_node.catalog.models import Job, JobKind, JobStatus, Registration  # noqa: E402
 from xvr_node.config import load_settings  # noqa: E402
 from xvr_node.dicom.receive import STORAGE_SOP_CLASSES  # noqa: E402
@@ -90,7 +97,8 @@ def latency(args: argparse.Namespace) -> dict:
         environ[f"XVR_NODE__{key.upper()}"] = value
     settings = load_settings(None, environ=environ)
     settings.ensure_storage_root()
-    upgrade(settings.database_url)
+    holds = ExitStack()  # the catalog stays up after the node stops, for the last reads
+    upgrade(holds.enter_context(catalog_server(settings.database.url, settings.storage_root)))
     node = Node(settings)
     node.start()
     sessions = node.receiver.sessions
@@ -153,6 +161,7 @@ def latency(args: argparse.Namespace) -> dict:
             print(json.dumps(row), flush=True)
     finally:
         node.stop()
+        holds.close()
     summary = {
         key: round(float(np.median([r[key] for r in rows])), 3)
         for key in ("total_s", "queue_wait_s", "read_s", "initialise_s", "refine_s", "gate_s")
@@ -237,9 +246,58 @@ def queue_throughput(args: argparse.Namespace) -> dict:
     return results
 
 
+def startup(args: argparse.Namespace) -> dict:
+    """``serve`` on the embedded default: first initialisation, then start-ups and stops."""
+    from xvr_node.catalog.embedded import EmbeddedCluster
+
+    work = Path(tempfile.mkdtemp(prefix="xvr-bench-startup-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XVR_NODE")}
+    env |= {
+        "XVR_NODE__STORAGE__ROOT": str(work / "store"),
+        "XVR_NODE__NODE__PORT": str(free_port()),
+        "XVR_NODE__MONITORING__ENABLED": "false",
+        "XVR_NODE__WORKER__DEVICE": "cpu",
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [sys.executable, "-m", "xvr_node"]
+    began = time.monotonic()
+    subprocess.run([*command, "db", "upgrade"], env=env, check=True, capture_output=True)
+    first = time.monotonic() - began
+    starts, stops = [], []
+    for _ in range(args.repeat):
+        began = time.monotonic()
+        node = subprocess.Popen(
+            [*command, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        assert node.stdout is not None
+        for line in node.stdout:
+            if "event=listening" in line:
+                break
+        else:
+            raise RuntimeError(f"serve exited with {node.wait()} before listening")
+        starts.append(time.monotonic() - began)
+        began = time.monotonic()
+        node.send_signal(signal.SIGTERM)
+        node.communicate(timeout=120)
+        stops.append(time.monotonic() - began)
+        if EmbeddedCluster(work / "store").is_running():
+            raise RuntimeError("serve stopped but left its catalog server running")
+        print(json.dumps({"start_s": round(starts[-1], 2), "stop_s": round(stops[-1], 2)}))
+    return {
+        "db_upgrade_first_s": round(first, 2),
+        "serve_to_listening_s": {
+            "median": round(float(np.median(starts)), 2),
+            "max": round(max(starts), 2),
+        },
+        "serve_stop_s": {"median": round(float(np.median(stops)), 2), "max": round(max(stops), 2)},
+        "repeat": args.repeat,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["latency", "queue"])
+    parser.add_argument("what", choices=["latency", "queue", "startup"])
     parser.add_argument("--xrays", type=int, default=8)
     parser.add_argument("--phantom", type=Path, help="send this phantom's CT and X-rays")
     parser.add_argument("--size", type=int, default=192, help="pixels of the built phantom")
@@ -251,7 +309,8 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    result = latency(args) if args.what == "latency" else queue_throughput(args)
+    run = {"latency": latency, "queue": queue_throughput, "startup": startup}[args.what]
+    result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"jobs-{args.what}.json"
     path.write_text(json.dumps(result, indent=1))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from sqlalchemy import make_url
 from tests.support.clock_shift import shift_wall_clock
 from tests.support.postgres import new_postgres_database, running_postgres
 from xvr_node.catalog.db import upgrade
+from xvr_node.catalog.embedded import catalog_server
+from xvr_node.config import Settings
 from xvr_node.phantom import PhantomSpec, build_phantom
 
 
@@ -61,7 +64,7 @@ def phantom_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """One throw-away PostgreSQL server for the whole session."""
+    """One throw-away PostgreSQL server (the embedded one) for the whole session."""
     with running_postgres() as url:
         yield url
 
@@ -87,20 +90,24 @@ def small_phantom(tmp_path_factory) -> Path:
     return outdir
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """Run the test once on each catalog backend."""
-    return request.param
-
-
 @pytest.fixture
-def catalog_url(backend: str, request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
-    """URL of a database at the head revision, for one test."""
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
-        upgrade(url)
-        yield url
-        return
+def catalog_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """URL of a database at the head revision, for one test (a copy of the migrated one)."""
     template = request.getfixturevalue("migrated_postgres_template")
     with new_postgres_database(request.getfixturevalue("postgres_url"), template) as url:
         yield url
+
+
+@pytest.fixture
+def hold_catalog() -> Iterator[Callable[[Settings], str]]:
+    """``hold_catalog(settings)``: the catalog of those settings (by default the node's own
+    embedded server under their storage root), held and migrated until the test ends."""
+    with ExitStack() as holds:
+
+        def hold(settings: Settings) -> str:
+            settings.ensure_storage_root()
+            url = holds.enter_context(catalog_server(settings.database.url, settings.storage_root))
+            upgrade(url)
+            return url
+
+        yield hold

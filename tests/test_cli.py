@@ -14,6 +14,7 @@ from pynetdicom import AE
 from tests.support.training import TINY_TRAINING, environment
 from xvr_node import demo
 from xvr_node.catalog.db import head_revision
+from xvr_node.catalog.embedded import EmbeddedCluster
 from xvr_node.cli import cli
 from xvr_node.local_pacs import ReceivingScp, free_port
 from xvr_node.phantom import PhantomSpec
@@ -27,7 +28,8 @@ def test_db_upgrade_creates_the_catalog_under_the_storage_root(tmp_path):
     assert "current: none" in before.output
     result = runner.invoke(cli, ["db", "upgrade"], env=env)
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "store" / "catalog.sqlite3").is_file()
+    assert (tmp_path / "store" / "postgres" / "PG_VERSION").is_file()
+    assert not EmbeddedCluster(tmp_path / "store").is_running()  # stopped with the command
     after = runner.invoke(cli, ["db", "current"], env=env)
     assert f"current: {head_revision()}; head: {head_revision()}" in after.output
 
@@ -59,7 +61,8 @@ def test_demo_runs_the_pipeline_end_to_end(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     truth = json.loads((out / "phantom/truth.json").read_text())
     assert len(truth["xrays"]) == 3
-    assert (out / "store/catalog.sqlite3").is_file()
+    assert (out / "store/postgres/PG_VERSION").is_file()
+    assert not EmbeddedCluster(out / "store").is_running()  # the demo stopped its catalog
     assert f"schema revision {head_revision()}" in result.output
     assert "ct: 34 of 34 stored" in result.output  # sent by C-STORE, all acknowledged
     assert "volume 1: usable" in result.output

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from xvr_node.catalog.embedded import embedded_url
 from xvr_node.cli import cli
 from xvr_node.config import ConfigError, Settings, TrainingSettings, check_config, load_settings
 
@@ -39,7 +40,8 @@ def test_defaults_load_without_a_file(tmp_path, monkeypatch):
     assert settings.registration.levels_px == [32, 64, 128]
     # Built-in relative paths are anchored at the working directory.
     assert settings.storage.root == tmp_path / "var" / "xvr-node"
-    assert settings.database_url == f"sqlite:///{tmp_path}/var/xvr-node/catalog.sqlite3"
+    assert settings.database_url == embedded_url(tmp_path / "var" / "xvr-node")
+    assert f"host={tmp_path}/var/xvr-node/postgres&" in settings.database_url
 
 
 def test_without_path_the_working_directory_config_yaml_is_used(tmp_path, monkeypatch):
@@ -105,7 +107,7 @@ def test_relative_paths_in_a_file_resolve_against_its_folder(tmp_path, monkeypat
     assert settings.logging.file == folder / "logs" / "node.log"
     # From the environment: the working directory.
     assert settings.training.base_model == tmp_path / "base.pt"
-    assert settings.database_url == f"sqlite:///{folder}/data/catalog.sqlite3"
+    assert settings.database_url == embedded_url(folder / "data")
 
 
 def test_ensure_storage_root_creates_the_folder(tmp_path):
@@ -113,6 +115,14 @@ def test_ensure_storage_root_creates_the_folder(tmp_path):
     settings = load_settings(path, environ={})
     assert settings.ensure_storage_root() == tmp_path / "a" / "b" / "store"
     assert (tmp_path / "a" / "b" / "store").is_dir()
+
+
+def test_a_sqlite_catalog_url_is_refused_with_the_way_forward():
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, environ={"XVR_NODE__DATABASE__URL": "sqlite:///catalog.sqlite3"})
+    [problem] = refused.value.problems
+    assert problem.startswith("database.url")
+    assert "no longer supported" in problem and "leave database.url unset" in problem
 
 
 def test_database_url_password_is_redacted():

@@ -9,8 +9,7 @@ Loading rules (what other code may rely on):
   read as YAML (``true``, ``11113``, ``[24, 12]``); a key typed as text keeps the raw string.
 - Relative paths written in the file resolve against the file's folder; relative paths from
   the environment or the built-in defaults resolve against the working directory. After
-  ``load_settings`` every path in the settings (and a SQLite file in ``database.url``) is
-  absolute, so later ``chdir`` calls change nothing.
+  ``load_settings`` every path in the settings is absolute, so later ``chdir`` calls change nothing.
 - Problems are collected, not raised one by one: ``ConfigError.problems`` names each dotted
   key and why; ``check_config`` adds the checks that touch the filesystem.
 """
@@ -30,6 +29,7 @@ from datetime import datetime, timedelta
 from datetime import time as Time
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -46,8 +46,6 @@ from pydantic import (
 
 ENV_PREFIX = "XVR_NODE__"
 DEFAULT_CONFIG_FILE = "config.yaml"
-SQLITE_CATALOG_NAME = "catalog.sqlite3"
-DATABASE_DIALECTS = ("sqlite", "postgresql")
 
 
 class ConfigError(Exception):
@@ -225,10 +223,9 @@ class StorageSettings(Section):
 
 
 class DatabaseSettings(Section):
-    """The catalog database; ``url=None`` means SQLite under the storage root."""
+    """The catalog database (PostgreSQL); ``url=None`` means the node's own embedded server."""
 
     url: str | None = None
-    busy_timeout_s: Positive = 30.0
 
     @field_validator("url")
     @classmethod
@@ -242,8 +239,13 @@ class DatabaseSettings(Section):
             backend = make_url(value).get_backend_name()
         except (ArgumentError, ValueError):
             raise ValueError(f"{_redact_url(value)!r} is not a database URL") from None
-        if backend not in DATABASE_DIALECTS:
-            raise ValueError(f"dialect {backend!r} is not supported (use sqlite or postgresql)")
+        if backend == "sqlite":
+            raise ValueError(
+                "SQLite catalogs are no longer supported: leave database.url unset for the "
+                "node's embedded PostgreSQL, or give a postgresql+psycopg:// URL"
+            )
+        if backend != "postgresql":
+            raise ValueError(f"dialect {backend!r} is not supported (use postgresql)")
         return value
 
 
@@ -689,10 +691,15 @@ class Settings(Section):
 
     @property
     def database_url(self) -> str:
-        """The SQLAlchemy URL: ``database.url``, else SQLite in the storage root."""
+        """The SQLAlchemy URL: ``database.url``, else the embedded server's under the root.
+
+        The embedded server runs only while someone holds it (``catalog_server``).
+        """
         if self.database.url is not None:
             return self.database.url
-        return f"sqlite:///{self.storage_root / SQLITE_CATALOG_NAME}"
+        from xvr_node.catalog.embedded import embedded_url
+
+        return embedded_url(self.storage_root)
 
     @property
     def database_url_redacted(self) -> str:
@@ -711,7 +718,8 @@ def _redact_url(url: str) -> str:
     from sqlalchemy.exc import ArgumentError
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        # Unquoted for people: a socket folder reads /var/lib/..., not %2Fvar%2Flib%2F...
+        return unquote(make_url(url).render_as_string(hide_password=True))
     except (ArgumentError, ValueError):
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
@@ -813,23 +821,6 @@ def _absolute(value: Any, base: Path) -> Any:
     return value
 
 
-def _absolute_sqlite_url(url: Any, base: Path) -> Any:
-    if not isinstance(url, str) or not url.startswith("sqlite"):
-        return url
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        return url
-    database = parsed.database or ""
-    if database in ("", ":memory:") or database.startswith("file:"):
-        return url
-    absolute = _absolute(database, base)
-    return parsed.set(database=absolute).render_as_string(hide_password=False)
-
-
 def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
     """Make the relative paths written in the file relative to the file's folder."""
     for keys in _path_fields(Settings):
@@ -843,9 +834,6 @@ def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
             parent[keys[-1]] = [_absolute(item, base) for item in value]
         else:
             parent[keys[-1]] = _absolute(value, base)
-    database = data.get("database")
-    if isinstance(database, dict) and "url" in database:
-        database["url"] = _absolute_sqlite_url(database["url"], base)
 
 
 def _resolve_remaining_paths(model: BaseModel, base: Path) -> None:
@@ -858,8 +846,6 @@ def _resolve_remaining_paths(model: BaseModel, base: Path) -> None:
             setattr(model, name, [Path(_absolute(v, base)) for v in value])
         elif isinstance(value, BaseModel):
             _resolve_remaining_paths(value, base)
-    if isinstance(model, DatabaseSettings):
-        model.url = _absolute_sqlite_url(model.url, base)
 
 
 def _is_text(annotation: Any) -> bool:
@@ -1111,11 +1097,13 @@ def _database_problems(settings: Settings) -> list[str]:
         return [f"database.url: unknown driver {url.drivername!r}"]
     except ImportError as error:
         return [f"database.url: the driver for {url.drivername!r} is not installed ({error})"]
-    if settings.database.url is not None and url.get_backend_name() == "sqlite":
-        database = url.database or ""
-        if database not in ("", ":memory:") and not database.startswith("file:"):
-            problem = _folder_problem("database.url", Path(database).parent)
-            return [problem] if problem else []
+    if settings.database.url is None:
+        from xvr_node.catalog.embedded import EmbeddedPostgresError, binaries
+
+        try:
+            binaries()
+        except EmbeddedPostgresError as error:
+            return [f"database.url: unset, and {error}"]
     return []
 
 

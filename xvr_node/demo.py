@@ -1,4 +1,4 @@
-"""``make demo``: the main job on embedded defaults (SQLite, local store, CPU unless a GPU).
+"""``make demo``: the main job on embedded defaults (own PostgreSQL, local store, CPU unless a GPU).
 
 A phantom patient goes through the whole pipeline as in a hospital: a local PACS starts
 (Orthanc when installed, else a receiving SCP of our own), xvr-node starts with that PACS as
@@ -32,6 +32,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from xvr_node.catalog.db import current_revision, upgrade
+from xvr_node.catalog.embedded import catalog_server
 from xvr_node.catalog.models import (
     Export,
     ExportStatus,
@@ -221,31 +222,33 @@ def run_demo(
 
     echo(f"[2/6] catalog -> {settings.database_url_redacted}")
     settings.ensure_storage_root()
-    upgrade(settings.database_url)
-    echo(f"      schema revision {current_revision(settings.database_url)}")
+    # Held for the whole demo: the embedded server starts here and stops at the end.
+    with catalog_server(settings.database.url, settings.storage_root) as url:
+        upgrade(url)
+        echo(f"      schema revision {current_revision(url)}")
 
-    echo("[3/6] local PACS")
-    with local_pacs(output / "pacs", pacs_port, echo) as pacs:
-        node = Node(settings)
-        node.start()
-        try:
-            echo(
-                f"      xvr-node listening as {settings.node.ae_title} on port "
-                f"{settings.node.port}, worker on {device}"
-            )
-            rows = _pipeline(node, settings, phantom, echo, started + timeout_s, adopt)
-            truth = json.loads((phantom / "truth.json").read_text())
-            _write_overlays(node, truth, output / "overlays", echo)
-            echo("")
-            echo(format_table(rows))
-            echo("")
-            _where_to_look(node, settings, pacs, phantom, output, echo)
-            echo(f"done in {time.monotonic() - started:.0f} s.")
-            if keep_running:
-                echo("node and PACS keep running; press Ctrl-C to stop them.")
-                _wait_for_interrupt()
-        finally:
-            node.stop()
+        echo("[3/6] local PACS")
+        with local_pacs(output / "pacs", pacs_port, echo) as pacs:
+            node = Node(settings)
+            node.start()
+            try:
+                echo(
+                    f"      xvr-node listening as {settings.node.ae_title} on port "
+                    f"{settings.node.port}, worker on {device}"
+                )
+                rows = _pipeline(node, settings, phantom, echo, started + timeout_s, adopt)
+                truth = json.loads((phantom / "truth.json").read_text())
+                _write_overlays(node, truth, output / "overlays", echo)
+                echo("")
+                echo(format_table(rows))
+                echo("")
+                _where_to_look(node, settings, pacs, phantom, output, echo)
+                echo(f"done in {time.monotonic() - started:.0f} s.")
+                if keep_running:
+                    echo("node and PACS keep running; press Ctrl-C to stop them.")
+                    _wait_for_interrupt()
+            finally:
+                node.stop()
     return {"rows": rows}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -13,6 +14,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select
 
 from xvr_node.catalog.db import make_engine, require_current_schema, session_factory
+from xvr_node.catalog.embedded import catalog_server
 from xvr_node.catalog.models import IngestEventKind, Job, JobKind, JobStatus, utcnow
 from xvr_node.clock import Clock
 from xvr_node.config import Settings
@@ -73,8 +75,20 @@ class Node:
     stopping_workers: threading.Event = field(default_factory=threading.Event)
     workers: list[threading.Thread] = field(default_factory=list)
     monitor: MonitorServer | None = None
+    holds: ExitStack = field(default_factory=ExitStack)
 
     def start(self) -> None:
+        """Hold the catalog (starting the embedded server if it is ours), then open up."""
+        self.holds.enter_context(
+            catalog_server(self.settings.database.url, self.settings.storage_root)
+        )
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         settings = self.settings
         receiver, store = make_receiver(settings)
         self.receiver = receiver
@@ -247,4 +261,5 @@ class Node:
             self.scheduler.shutdown(wait=False)
         if self.monitor is not None:
             self.monitor.stop()
+        self.holds.close()  # the last holder of the embedded catalog server stops it
         LOG.info("stopped", extra={"event": "stopped"})

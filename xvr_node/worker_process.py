@@ -7,6 +7,7 @@ import signal
 import threading
 
 from xvr_node.catalog.db import make_engine, require_current_schema, session_factory
+from xvr_node.catalog.embedded import catalog_server
 from xvr_node.config import Settings
 from xvr_node.dicom.storage import FileStore
 from xvr_node.jobs.pipeline import Pipeline
@@ -17,8 +18,13 @@ LOG = logging.getLogger(__name__)
 
 def run_worker_process(settings: Settings, kinds: list[str] | None = None, name: str = "") -> None:
     """Run ``worker.concurrency`` workers; SIGTERM/SIGINT stop them after their current job."""
-    require_current_schema(settings.database_url)
-    engine = make_engine(settings.database_url)
+    with catalog_server(settings.database.url, settings.storage_root) as url:
+        _run_workers(settings, url, kinds, name)
+
+
+def _run_workers(settings: Settings, url: str, kinds: list[str] | None, name: str) -> None:
+    require_current_schema(url)
+    engine = make_engine(url)
     sessions = session_factory(engine)
     store = FileStore(settings.ensure_storage_root(), settings.storage.min_free_bytes)
     handlers = Pipeline(settings, store, resolve_device(settings.worker.device)).handlers()

@@ -1,6 +1,6 @@
-"""Catalog fixtures: each test gets a fresh database on SQLite and on a real PostgreSQL.
+"""Catalog fixtures: each test gets a fresh database on the session's PostgreSQL.
 
-``backend`` and ``catalog_url`` come from ``tests/conftest.py``.
+``catalog_url`` comes from ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,9 @@ from xvr_node.catalog.models import Patient, Series, SeriesState, Study
 
 
 @pytest.fixture
-def empty_catalog_url(backend: str, request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
-    """URL of an empty database (a new file, or a new PostgreSQL database) for one test."""
-    if backend == "sqlite":
-        # A directory that does not exist yet: make_engine must create it.
-        yield f"sqlite:///{tmp_path / 'var' / 'catalog.sqlite'}"
-        return
-    with new_postgres_database(request.getfixturevalue("postgres_url")) as url:
+def empty_catalog_url(postgres_url: str) -> Iterator[str]:
+    """URL of an empty database for one test."""
+    with new_postgres_database(postgres_url) as url:
         yield url
 
 

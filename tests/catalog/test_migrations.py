@@ -1,4 +1,4 @@
-"""The Alembic migrations build exactly the schema the models declare, on both backends."""
+"""The Alembic migrations build exactly the schema the models declare."""
 
 from __future__ import annotations
 
@@ -106,8 +106,8 @@ def test_migrated_schema_matches_the_models(catalog_url: str) -> None:
     assert differences == []
 
 
-def test_alembic_command_line_takes_the_url_from_the_environment(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'shell.sqlite'}"
+def test_alembic_command_line_takes_the_url_from_the_environment(empty_catalog_url: str) -> None:
+    url = empty_catalog_url
     environment = {**os.environ, "XVR_NODE__DATABASE__URL": url}
 
     subprocess.run(

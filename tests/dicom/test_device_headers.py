@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from tests.support.device_headers import CT, XA, innova_xa, oec9900_rf, part10
-from xvr_node.catalog.db import upgrade
 from xvr_node.catalog.models import (
     CarmProfile,
     IngestEvent,
@@ -38,12 +37,12 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture()
-def receiver(env: dict[str, str]) -> Receiver:
+def receiver(env: dict[str, str], hold_catalog) -> Receiver:
     from xvr_node.config import load_settings
     from xvr_node.node import make_receiver
 
     settings = load_settings(None, environ=env)
-    upgrade(settings.database_url)
+    hold_catalog(settings)
     return make_receiver(settings)[0]
 
 

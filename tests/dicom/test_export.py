@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from tests.support.node import free_port
 from tests.support.orthanc import OrthancServer, running_orthanc
-from xvr_node.catalog.db import make_engine, session_factory, upgrade
+from xvr_node.catalog.db import make_engine, session_factory
 from xvr_node.catalog.models import Export, utcnow
 from xvr_node.cli import cli
 from xvr_node.config import Destination
@@ -95,12 +95,10 @@ class Outbox:
 
 
 @pytest.fixture
-def outbox(tmp_path):
-    """A store and a migrated SQLite catalog under ``tmp_path/store``."""
-    root = tmp_path / "store"
-    url = f"sqlite:///{root / 'catalog.sqlite3'}"
-    store = FileStore(root)
-    upgrade(url)
+def outbox(tmp_path, catalog_url):
+    """A store under ``tmp_path/store`` and a migrated catalog."""
+    url = catalog_url
+    store = FileStore(tmp_path / "store")
     engine = make_engine(url)
     with session_factory(engine)() as session:
         yield Outbox(store, url, session)

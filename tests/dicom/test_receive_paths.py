@@ -20,7 +20,7 @@ from pydicom.uid import (
 from sqlalchemy import select
 
 from tests.support.node import acknowledged_files, dcmtk, running_node, storescu
-from xvr_node.catalog.db import make_engine, session_factory, upgrade
+from xvr_node.catalog.db import make_engine, session_factory
 from xvr_node.catalog.models import Instance, Series, SeriesState, VolumeState, utcnow
 from xvr_node.dicom.storage import FileStore
 from xvr_node.jobs.assemble import queue_stable_series, run_assemble
@@ -122,12 +122,14 @@ def test_import_files_folders_and_dicomdir(tmp_path, phantom_dir):
     assert status["totals"]["instances"] == len(xrays) + n_ct
 
 
-def test_a_series_with_a_missing_slice_is_refused_with_the_reason(tmp_path, phantom_dir):
+def test_a_series_with_a_missing_slice_is_refused_with_the_reason(
+    tmp_path, phantom_dir, hold_catalog
+):
     from xvr_node.config import load_settings
     from xvr_node.node import make_receiver
 
     settings = load_settings(None, environ={"XVR_NODE__STORAGE__ROOT": str(tmp_path / "s")})
-    upgrade(settings.database_url)
+    hold_catalog(settings)
     receiver, store = make_receiver(settings)
     slices = sorted((phantom_dir / "ct").glob("*.dcm"))
     del slices[20]  # the 21st of 67 slices never arrives
@@ -151,7 +153,9 @@ def test_a_series_with_a_missing_slice_is_refused_with_the_reason(tmp_path, phan
     assert isinstance(Path(store.root), Path)
 
 
-def test_missing_geometry_comes_from_the_learned_or_configured_profile(tmp_path, phantom_dir):
+def test_missing_geometry_comes_from_the_learned_or_configured_profile(
+    tmp_path, phantom_dir, hold_catalog
+):
     from xvr_node.config import load_settings
     from xvr_node.node import make_receiver
 
@@ -161,7 +165,7 @@ def test_missing_geometry_comes_from_the_learned_or_configured_profile(tmp_path,
         '"pixel_spacing_mm": [0.5, 0.5]}]',
     }
     settings = load_settings(None, environ=environ)
-    upgrade(settings.database_url)
+    hold_catalog(settings)
     receiver, _ = make_receiver(settings)
     first, second = sorted((phantom_dir / "xray").glob("IMG_*.dcm"))[:2]
     assert receiver.receive(first.read_bytes(), calling_ae="CARM1").ok  # learns the device

@@ -19,7 +19,6 @@ from sqlalchemy import select
 from tests.support.orthanc import running_orthanc
 from tests.support.tools import dciodvfy_errors
 from xvr_node import clock
-from xvr_node.catalog.db import upgrade
 from xvr_node.catalog.models import Export, Instance, Registration, Volume
 from xvr_node.config import load_settings
 from xvr_node.dicom.sc import MULTIFRAME_TRUE_COLOR_SC
@@ -37,7 +36,7 @@ SRO_CLASS = "1.2.840.10008.5.1.4.1.1.66.1"
 
 
 @pytest.fixture
-def exported(tmp_path, phantom_dir, request):
+def exported(tmp_path, phantom_dir, request, hold_catalog):
     """Export the phantom's X-rays at their true poses to a real Orthanc.
 
     ``request.param``: the 1-based cine frames the quality gate calls unreliable, and
@@ -61,7 +60,7 @@ def exported(tmp_path, phantom_dir, request):
                 "XVR_NODE__REGISTRATION__SEND_UNRELIABLE": str(send_unreliable).lower(),
             },
         )
-        upgrade(settings.database_url)
+        hold_catalog(settings)
         receiver, store = make_receiver(settings)
         cine = next(r for r in truth["xrays"] if r["number_of_frames"] > 1)
         single = next(r for r in truth["xrays"] if r["number_of_frames"] == 1)

@@ -160,7 +160,8 @@ def test_cancel_and_retry_follow_the_rules(sessions):
 
 
 def test_jobs_cli_lists_cancels_and_retries(tmp_path, monkeypatch):
-    from xvr_node.catalog.db import make_engine, session_factory, upgrade
+    from xvr_node.catalog.db import make_engine, session_factory
+    from xvr_node.catalog.embedded import EmbeddedCluster, catalog_server
 
     monkeypatch.setenv("XVR_NODE__STORAGE__ROOT", str(tmp_path / "store"))
     runner = CliRunner()
@@ -172,9 +173,10 @@ def test_jobs_cli_lists_cancels_and_retries(tmp_path, monkeypatch):
     refused = runner.invoke(cli, ["jobs", "retry", "2"])
     assert refused.exit_code == 1 and "job 2 is queued" in refused.output
     assert runner.invoke(cli, ["jobs", "retry", "1"]).output.strip() == "job 1: queued"
-    url = f"sqlite:///{tmp_path / 'store' / 'catalog.sqlite3'}"
-    upgrade(url)
-    engine = make_engine(url)
-    with session_factory(engine)() as session:
-        assert queue.counts_by_status(session) == {"queued": 2}
-    engine.dispose()
+    # Each command started and stopped the node's embedded catalog; it kept the jobs.
+    assert not EmbeddedCluster(tmp_path / "store").is_running()
+    with catalog_server(None, tmp_path / "store") as url:
+        engine = make_engine(url)
+        with session_factory(engine)() as session:
+            assert queue.counts_by_status(session) == {"queued": 2}
+        engine.dispose()

@@ -7,7 +7,6 @@ from datetime import timedelta
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from xvr_node.catalog.db import upgrade
 from xvr_node.catalog.models import (
     Export,
     Instance,
@@ -24,9 +23,11 @@ from xvr_node.jobs.retention import purge_originals
 from xvr_node.node import make_receiver
 
 
-def test_originals_go_only_when_nothing_needs_them(tmp_path, small_phantom, monkeypatch):
+def test_originals_go_only_when_nothing_needs_them(
+    tmp_path, small_phantom, monkeypatch, hold_catalog
+):
     settings = load_settings(None, environ={"XVR_NODE__STORAGE__ROOT": str(tmp_path / "store")})
-    upgrade(settings.database_url)
+    hold_catalog(settings)
     receiver, store = make_receiver(settings)
     xray_file = small_phantom / "xray" / "IMG_000.dcm"
     xray = receiver.receive(xray_file.read_bytes(), "CARM").instance_id

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from tests.support.training import TINY_TRAINING, environment
 from xvr_node import clock
-from xvr_node.catalog.db import make_engine, session_factory, upgrade
+from xvr_node.catalog.db import make_engine, session_factory
 from xvr_node.catalog.models import Job, JobKind, JobStatus, ModelState, PoseModel, Registration
 from xvr_node.cli import cli
 from xvr_node.config import load_settings
@@ -45,11 +45,9 @@ def settings_for(tmp_path, **overrides: str):
 
 
 @pytest.fixture
-def catalog(tmp_path):
+def catalog(tmp_path, hold_catalog):
     settings = settings_for(tmp_path)
-    settings.ensure_storage_root()
-    upgrade(settings.database_url)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(hold_catalog(settings))
     yield settings, session_factory(engine)
     engine.dispose()
 
@@ -94,15 +92,13 @@ def test_every_outcome_is_recorded_and_the_worker_lives_on(catalog):
     assert jobs["noop"].status == "succeeded" and jobs["noop"].result["echo"] == 1
 
 
-def test_the_window_is_kept_in_the_hospital_time_zone(tmp_path):
+def test_the_window_is_kept_in_the_hospital_time_zone(tmp_path, hold_catalog):
     settings = settings_for(
         tmp_path,
         scheduler__timezone="Europe/Berlin",
         scheduler__overnight_window='{start: "20:00", end: "06:00"}',
     )
-    settings.ensure_storage_root()
-    upgrade(settings.database_url)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(hold_catalog(settings))
     sessions = session_factory(engine)
     evening = datetime(2026, 11, 24, 18, 30, tzinfo=UTC)  # 19:30 in Berlin (CET)
     night = datetime(2026, 11, 24, 19, 30, tzinfo=UTC)  # 20:30 in Berlin
@@ -134,11 +130,11 @@ FINETUNE = {
 }
 
 
-def assembled_ct(tmp_path, small_phantom, clock, **overrides: str):
+def assembled_ct(hold_catalog, tmp_path, small_phantom, clock, **overrides: str):
     """The phantom's CT received and assembled through a worker (its finetune is queued):
     settings, receiver, store, pipeline and that worker."""
     settings = settings_for(tmp_path, **{**FINETUNE, **overrides})
-    upgrade(settings.database_url)
+    hold_catalog(settings)
     receiver, store = make_receiver(settings)
     for file in sorted((small_phantom / "ct").glob("*.dcm")):
         assert receiver.receive(file.read_bytes(), calling_ae="PACS").ok
@@ -151,11 +147,13 @@ def assembled_ct(tmp_path, small_phantom, clock, **overrides: str):
 
 
 @pytest.fixture
-def finetune_ready(tmp_path, small_phantom):
+def finetune_ready(tmp_path, small_phantom, hold_catalog):
     """A catalog whose CT is assembled (through the worker) and whose finetune is queued."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    settings, receiver, store, pipeline, _ = assembled_ct(tmp_path, small_phantom, lambda: NIGHT)
+    settings, receiver, store, pipeline, _ = assembled_ct(
+        hold_catalog, tmp_path, small_phantom, lambda: NIGHT
+    )
     with receiver.sessions() as session:
         finetune = session.scalars(select(Job).where(Job.kind == JobKind.FINETUNE)).one()
     yield settings, receiver.sessions, store, pipeline, finetune.id
@@ -312,10 +310,11 @@ def test_only_a_model_that_passes_its_held_out_check_starts_registrations(finetu
 
 
 @pytest.mark.trains
-def test_a_usable_new_model_registers_earlier_xrays_again(tmp_path, small_phantom):
+def test_a_usable_new_model_registers_earlier_xrays_again(tmp_path, small_phantom, hold_catalog):
     """X-rays registered before the model was ready are registered again with it: the new
     result supersedes the old one and is exported once."""
     _, receiver, _, _, worker = assembled_ct(
+        hold_catalog,
         tmp_path,
         small_phantom,
         lambda: NIGHT,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tests.support.tools import require_tool
 from tests.support.training import environment
+from xvr_node.catalog.embedded import catalog_server, embedded_url
 from xvr_node.local_pacs import free_port as free_port  # re-exported for the tests
 from xvr_node.local_pacs import stop_process
 
@@ -38,17 +39,25 @@ class NodeProcess:
 
     @property
     def database_url(self) -> str:
-        return f"sqlite:///{self.store / 'catalog.sqlite3'}"
+        """The catalog the node uses: the configured one, else its embedded server's."""
+        return self.env.get("XVR_NODE__DATABASE__URL") or embedded_url(self.store)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(
+        """Run ``xvr-node ARGS`` as the node's user would; ``check`` fails with its output."""
+        result = subprocess.run(
             [sys.executable, "-m", "xvr_node", *args],
             env=self.env,
             capture_output=True,
             text=True,
-            check=check,
+            check=False,
             timeout=120,
         )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"xvr-node {' '.join(args)} exited {result.returncode}:\n"
+                f"{result.stdout}{result.stderr}"
+            )
+        return result
 
     def start(self) -> None:
         self._log_start = len(self.log_text())
@@ -89,7 +98,12 @@ class NodeProcess:
 
 @contextmanager
 def running_node(root: Path, **overrides: str) -> Iterator[NodeProcess]:
-    """Upgrade a fresh catalog under ``root`` and serve on a free loopback port."""
+    """Upgrade a fresh catalog under ``root`` and serve on a free loopback port.
+
+    The test holds the node's embedded catalog server as well (the node starts it and would
+    stop it on exit): the test can read the catalog after stopping or killing the node, and
+    a server left by a killed node is stopped when the test lets go.
+    """
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("XVR_NODE")}
@@ -106,12 +120,13 @@ def running_node(root: Path, **overrides: str) -> Iterator[NodeProcess]:
     )
     env.update(environment(overrides))
     node = NodeProcess(root, port, env)
-    node.cli("db", "upgrade")
-    node.start()
-    try:
-        yield node
-    finally:
-        node.stop()
+    with catalog_server(env.get("XVR_NODE__DATABASE__URL"), node.store):
+        node.cli("db", "upgrade")
+        node.start()
+        try:
+            yield node
+        finally:
+            node.stop()
 
 
 # --- DCMTK -----------------------------------------------------------------------------

@@ -338,12 +338,13 @@ def test_cli_train_then_restart(small_phantom, tmp_path):
     assert [json.loads(line)["iteration"] for line in lines][-1] == 5
 
 
-def test_registering_a_frame_again_supersedes_the_earlier_result(small_phantom, tmp_path):
+def test_registering_a_frame_again_supersedes_the_earlier_result(
+    small_phantom, tmp_path, hold_catalog
+):
     from datetime import timedelta
 
     from sqlalchemy import select
 
-    from xvr_node.catalog.db import upgrade
     from xvr_node.catalog.models import Instance, Registration, Usability, Volume, utcnow
     from xvr_node.config import load_settings
     from xvr_node.jobs.assemble import queue_stable_series, run_assemble
@@ -351,7 +352,7 @@ def test_registering_a_frame_again_supersedes_the_earlier_result(small_phantom, 
     from xvr_node.node import make_receiver
 
     settings = load_settings(None, environ={"XVR_NODE__STORAGE__ROOT": str(tmp_path)})
-    upgrade(settings.database_url)
+    hold_catalog(settings)
     receiver, store = make_receiver(settings)
     for file in sorted((small_phantom / "ct").glob("*.dcm")):
         assert receiver.receive(file.read_bytes(), calling_ae="PACS").ok

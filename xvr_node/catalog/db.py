@@ -2,60 +2,25 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
-from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, make_url
-from sqlalchemy.engine import URL
+from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
-
-SQLITE_BUSY_TIMEOUT_S = 30.0
 
 # The migrations live at the top of the repository (``alembic/``), beside this package.
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "alembic"
 
 
-def _sqlite_file(url: URL) -> Path | None:
-    """The database file of a SQLite URL, or None for in-memory and URI-style databases."""
-    database = url.database or ""
-    if database in ("", ":memory:") or database.startswith("file:") or url.query.get("uri"):
-        return None
-    return Path(database)
-
-
-def _set_sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
-    # WAL lets readers work while the receiver writes; NORMAL is durable across a crash of
-    # the process in WAL mode; SQLite leaves foreign keys off unless asked, per connection.
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-    finally:
-        cursor.close()
-
-
 def make_engine(url: str) -> Engine:
-    """Create the engine for a catalog URL (``sqlite:///...`` or ``postgresql+psycopg://...``).
+    """Create the engine for a catalog URL (``postgresql+psycopg://...``).
 
-    SQLite gets its pragmas on every new connection and its directory created; PostgreSQL
-    connections are pinged before use so a restarted server does not fail the next job.
+    Connections are pinged before use so that a restarted server does not fail the next job.
     """
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        path = _sqlite_file(parsed)
-        if path is not None:
-            path.expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
-        event.listen(engine, "connect", _set_sqlite_pragmas)
-        return engine
-    return create_engine(parsed, pool_pre_ping=True)
+    return create_engine(make_url(url), pool_pre_ping=True)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -51,10 +51,10 @@ def utcnow() -> datetime:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """A timestamp that is always an aware UTC datetime in Python, on every backend.
+    """A timestamp that is always an aware UTC datetime in Python.
 
-    SQLite keeps no time zone, and PostgreSQL returns the session's zone; normalising both
-    ways keeps comparisons (``last_received_at < now - N s``) correct everywhere.
+    PostgreSQL returns the session's zone; normalising both ways keeps comparisons
+    (``last_received_at < now - N s``) and what the logs print in UTC.
     """
 
     impl = DateTime(timezone=True)
@@ -65,8 +65,7 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: the catalog stores aware UTC datetimes")
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        return value.astimezone(UTC)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:

@@ -54,7 +54,7 @@ def db_upgrade(state: CliState, revision: str) -> None:
 
     settings = state.settings()
     settings.ensure_storage_root()
-    url = settings.database_url
+    url = state.catalog_url(settings)
     upgrade(url, revision)
     click.echo(f"catalog at revision {current_revision(url)} ({settings.database_url_redacted})")
 
@@ -65,5 +65,5 @@ def db_current(state: CliState) -> None:
     """Print the catalog's schema revision and the newest one this version knows."""
     from xvr_node.catalog.db import current_revision, head_revision
 
-    url = state.settings().database_url
+    url = state.catalog_url(state.settings())
     click.echo(f"current: {current_revision(url) or 'none'}; head: {head_revision()}")

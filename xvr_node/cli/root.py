@@ -34,6 +34,21 @@ class CliState:
                 click.echo(f"config: {problem}", err=True)
             sys.exit(2)
 
+    def catalog_url(self, settings: Settings) -> str:
+        """The catalog's URL, its embedded server (if it is ours) held until the command ends.
+
+        A server that cannot start is refused in one line (exit 3), not a traceback.
+        """
+        from xvr_node.catalog.embedded import EmbeddedPostgresError, catalog_server
+
+        try:
+            return click.get_current_context().with_resource(
+                catalog_server(settings.database.url, settings.storage_root)
+            )
+        except EmbeddedPostgresError as error:
+            click.echo(f"catalog: {error}", err=True)
+            sys.exit(3)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
@@ -65,12 +80,13 @@ def open_catalog(state: CliState) -> Iterator[tuple[Settings, Session]]:
     )
 
     settings = state.settings()
+    url = state.catalog_url(settings)
     try:
-        require_current_schema(settings.database_url)
+        require_current_schema(url)
     except SchemaOutdatedError as error:
         click.echo(f"catalog: {error}", err=True)
         sys.exit(3)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(url)
     try:
         with session_factory(engine)() as session:
             yield settings, session

@@ -21,6 +21,7 @@ from xvr_node.cli.root import CliState, cli, open_catalog
 def serve_command(state: CliState, no_worker: bool) -> None:
     """Run the node: DICOM listener, scheduler and a worker, until SIGTERM."""
     from xvr_node.catalog.db import SchemaOutdatedError
+    from xvr_node.catalog.embedded import EmbeddedPostgresError
     from xvr_node.log import configure_logging
     from xvr_node.node import Node
 
@@ -28,7 +29,7 @@ def serve_command(state: CliState, no_worker: bool) -> None:
     configure_logging(settings.logging)
     try:
         Node(settings, run_workers=not no_worker).run_forever()
-    except SchemaOutdatedError as error:
+    except (SchemaOutdatedError, EmbeddedPostgresError) as error:
         click.echo(f"serve: {error}", err=True)
         sys.exit(3)
     except OSError as error:
@@ -56,6 +57,7 @@ def worker_command(state: CliState, kinds: tuple[str, ...], name: str) -> None:
     SIGTERM lets the current job finish, or a finetune checkpoint and go back to the queue.
     """
     from xvr_node.catalog.db import SchemaOutdatedError
+    from xvr_node.catalog.embedded import EmbeddedPostgresError
     from xvr_node.log import configure_logging
     from xvr_node.worker_process import run_worker_process
 
@@ -63,7 +65,7 @@ def worker_command(state: CliState, kinds: tuple[str, ...], name: str) -> None:
     configure_logging(settings.logging)
     try:
         run_worker_process(settings, list(kinds) or None, name)
-    except SchemaOutdatedError as error:
+    except (SchemaOutdatedError, EmbeddedPostgresError) as error:
         click.echo(f"worker: {error}", err=True)
         sys.exit(3)
 
@@ -106,6 +108,7 @@ def import_command(state: CliState, paths: tuple[Path, ...]) -> None:
 
     settings = state.settings()
     configure_logging(settings.logging)
+    state.catalog_url(settings)
     try:
         receiver, _ = make_receiver(settings)
     except SchemaOutdatedError as error:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -123,10 +122,6 @@ class Receiver:
         self.max_pixel_bytes = max_pixel_bytes
         self.fallbacks = fallbacks or []
         self.on_stored = on_stored
-        # SQLite has one writer: serialise our catalogue transactions instead of letting
-        # concurrent associations fail on a busy database.
-        dialect = sessions.kw["bind"].dialect.name
-        self._catalog_lock = threading.Lock() if dialect == "sqlite" else _NoLock()
         self._series_ids: dict[str, tuple[int, int]] = {}
         self._learned: dict[tuple, tuple] = {}
 
@@ -302,7 +297,7 @@ class Receiver:
                     "calling_ae": calling_ae,
                 },
             )
-        with self._catalog_lock, self.sessions() as session:
+        with self.sessions() as session:
             try:
                 instance_id = self._catalogue(
                     session, ds, stored, version, calling_ae, usability, reason, geometry
@@ -534,7 +529,7 @@ class Receiver:
     ) -> None:
         """Leave a catalogue record of a refusal; a broken catalogue only costs the record."""
         try:
-            with self._catalog_lock, self.sessions() as session:
+            with self.sessions() as session:
                 session.add(
                     IngestEvent(
                         event=kind,
@@ -591,14 +586,6 @@ def link_waiting_xrays(session: Session, patient_id: int, volume: Volume) -> lis
 
 def count_instances(session: Session) -> int:
     return session.scalar(select(func.count(Instance.id))) or 0
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _safe_sop_uid(part10: bytes) -> str | None:

@@ -2,10 +2,9 @@
 
 Every transition is one guarded UPDATE, so two workers never both own a job:
 
-* **claim** picks the best due job (priority, then age) and leases it to one worker. On
-  PostgreSQL the pick is ``FOR UPDATE SKIP LOCKED``, so workers on several machines claim
-  different rows without waiting on each other; SQLite has a single writer, so the same
-  statement is already exclusive.
+* **claim** picks the best due job (priority, then age) and leases it to one worker. The
+  pick is ``FOR UPDATE SKIP LOCKED``, so workers on several machines claim different rows
+  without waiting on each other.
 * **heartbeat**, **complete**, **fail** and **release** only touch a job still leased to the
   caller: a worker that lost its lease (it stalled past expiry and another worker took the
   job, or a person cancelled it) cannot overwrite what happened since.
@@ -100,8 +99,7 @@ def claim(
     )
     if kinds:
         pick = pick.where(Job.kind.in_([str(k) for k in kinds]))
-    if session.get_bind().dialect.name == "postgresql":
-        pick = pick.with_for_update(skip_locked=True)
+    pick = pick.with_for_update(skip_locked=True)
     claimed = session.execute(
         update(Job)
         .where(Job.id == pick.scalar_subquery(), Job.status == JobStatus.QUEUED)

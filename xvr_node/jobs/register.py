@@ -262,7 +262,7 @@ def register_instance(
         session.add(row)
         session.flush()
         _supersede_earlier(session, row)
-        # One commit per frame: SQLite's single writer is never held across a refinement.
+        # One commit per frame: no transaction is held open across a refinement.
         session.commit()
         rows.append(row)
         LOG.info(
