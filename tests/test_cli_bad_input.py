@@ -125,3 +125,16 @@ def test_catalog_commands_on_a_catalog_without_schema_say_so_in_one_line(tmp_pat
     assert "Traceback" not in result.output
     assert "run `xvr-node db upgrade`" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("path", [("db", "upgrade"), ("db", "current"), ("status",)])
+def test_a_storage_root_that_cannot_hold_the_catalog_is_one_line(path, tmp_path: Path) -> None:
+    occupied = tmp_path / "a-file"
+    occupied.write_text("not a folder")
+    result = CliRunner().invoke(
+        cli, list(path), env={"XVR_NODE__STORAGE__ROOT": str(occupied / "store")}
+    )
+    assert result.exit_code == 3, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert result.output.startswith(f"catalog: cannot use {occupied / 'store'}: ")
+    assert len(result.output.strip().splitlines()) == 1

@@ -53,7 +53,6 @@ def db_upgrade(state: CliState, revision: str) -> None:
     from xvr_node.catalog.db import current_revision, upgrade
 
     settings = state.settings()
-    settings.ensure_storage_root()
     url = state.catalog_url(settings)
     upgrade(url, revision)
     click.echo(f"catalog at revision {current_revision(url)} ({settings.database_url_redacted})")

@@ -48,6 +48,9 @@ class CliState:
         except EmbeddedPostgresError as error:
             click.echo(f"catalog: {error}", err=True)
             sys.exit(3)
+        except OSError as error:  # the storage root cannot hold the embedded catalog
+            click.echo(f"catalog: cannot use {settings.storage_root}: {error}", err=True)
+            sys.exit(3)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
