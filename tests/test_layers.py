@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,16 @@ def test_a_lower_layer_imports_nothing_above_it(layer):
         if any(name == banned or name.startswith(banned + ".") for banned in FORBIDDEN[layer])
     ]
     assert not wrong, wrong
+
+
+def test_the_listener_starts_without_the_registration_stack():
+    """``serve`` listens before torch and timm load (seconds); its workers import them later."""
+    heavy = ("torch", "timm", "torchvision", "diffdrr")
+    probe = (
+        "import sys, xvr_node.node, xvr_node.cli; "
+        f"print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert loaded == []

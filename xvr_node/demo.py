@@ -274,7 +274,8 @@ def _pipeline(
             echo(f"      the morning after: a model {label}")
             echo("      (`xvr-node demo --train` trains it here instead)")
             now = datetime.now(UTC)
-            model = node.pipeline.adopt_model(session, volume, DEMO_MODEL, now, note=label)
+            pipeline = node.wait_for_workers()
+            model = pipeline.adopt_model(session, volume, DEMO_MODEL, now, note=label)
         else:
             model = _wait_for_model(session, node, deadline, echo)
         echo(f"      model {model.id} v{model.version}: {model.state} ({model.path})")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -23,11 +25,12 @@ from xvr_node.dicom.scp import build_ae, handlers, tls_context
 from xvr_node.dicom.storage import FileStore
 from xvr_node.jobs.assemble import queue_stable_series
 from xvr_node.jobs.export import deliver_configured
-from xvr_node.jobs.pipeline import Pipeline
 from xvr_node.jobs.queue import enqueue
 from xvr_node.jobs.triggers import queue_missing_finetunes, queue_register
-from xvr_node.jobs.worker import resolve_device, start_workers
 from xvr_node.monitor import MonitorServer
+
+if TYPE_CHECKING:
+    from xvr_node.jobs.pipeline import Pipeline
 
 LOG = logging.getLogger(__name__)
 
@@ -74,6 +77,9 @@ class Node:
     stopped: threading.Event = field(default_factory=threading.Event)
     stopping_workers: threading.Event = field(default_factory=threading.Event)
     workers: list[threading.Thread] = field(default_factory=list)
+    workers_ready: threading.Event = field(default_factory=threading.Event)
+    worker_starter: threading.Thread | None = None
+    worker_lock: threading.Lock = field(default_factory=threading.Lock)
     monitor: MonitorServer | None = None
     holds: ExitStack = field(default_factory=ExitStack)
 
@@ -157,15 +163,14 @@ class Node:
         if settings.monitoring.enabled:
             self.start_monitor()
         if self.run_workers:
-            device = resolve_device(settings.worker.device)
-            self.pipeline = Pipeline(settings, store, device)
-            self.workers = start_workers(
-                settings,
-                receiver.sessions,
-                self.pipeline.handlers(),
-                self.stopping_workers,
-                clock=self.clock,
+            # The registration stack (torch, timm) takes seconds to import; the listener does
+            # not wait for it. Received data is safe in the catalog and waits for a worker.
+            self.worker_starter = threading.Thread(
+                target=self._start_workers, name="worker-start", daemon=True
             )
+            self.worker_starter.start()
+        else:
+            self.workers_ready.set()
         LOG.info(
             "listening",
             extra={
@@ -176,6 +181,45 @@ class Node:
                 "tls": settings.node.tls.enabled,
             },
         )
+
+    def _start_workers(self) -> None:
+        began = time.perf_counter()
+        try:
+            from xvr_node.jobs.pipeline import Pipeline
+            from xvr_node.jobs.worker import resolve_device, start_workers
+
+            device = resolve_device(self.settings.worker.device)
+            self.pipeline = Pipeline(self.settings, self.store, device)
+            with self.worker_lock:
+                if self.stopping_workers.is_set():  # stopped while the stack was loading
+                    return
+                self.workers = start_workers(
+                    self.settings,
+                    self.receiver.sessions,
+                    self.pipeline.handlers(),
+                    self.stopping_workers,
+                    clock=self.clock,
+                )
+        except Exception:  # /healthz reports the missing workers; the listener keeps taking data
+            LOG.exception("workers did not start", extra={"event": "workers_failed"})
+            return
+        finally:
+            self.workers_ready.set()
+        LOG.info(
+            "workers ready",
+            extra={
+                "event": "workers_ready",
+                "device": device,
+                "count": len(self.workers),
+                "s": round(time.perf_counter() - began, 3),
+            },
+        )
+
+    def wait_for_workers(self, timeout: float | None = None) -> Pipeline:
+        """Block until the workers run (the demo and tests use the pipeline they share)."""
+        if not self.workers_ready.wait(timeout) or not self.workers:
+            raise RuntimeError("the node's workers did not start; see the log")
+        return self.pipeline
 
     def start_monitor(self) -> None:
         """The HTTP endpoints; a busy port costs the metrics, never the DICOM service."""
@@ -254,7 +298,9 @@ class Node:
         """Stop listening, let workers finish or re-queue their job, then stop the clock."""
         if self.server is not None:
             self.server.shutdown()
-        self.stopping_workers.set()
+        # Under the lock, so that a stack still loading starts no workers (it is not waited for).
+        with self.worker_lock:
+            self.stopping_workers.set()
         for thread in self.workers:
             thread.join()
         if self.scheduler is not None:
