@@ -7,7 +7,7 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from xvr_node.catalog.db import make_engine
+from xvr_node.catalog.db import make_engine, owned_by_the_models
 from xvr_node.catalog.models import Base
 
 URL_ENVIRONMENT_VARIABLE = "XVR_NODE__DATABASE__URL"
@@ -47,7 +47,11 @@ def run_migrations_online() -> None:
     engine = make_engine(database_url())
     try:
         with engine.connect() as connection:
-            context.configure(connection=connection, target_metadata=target_metadata)
+            context.configure(
+                connection=connection,
+                target_metadata=target_metadata,
+                include_name=owned_by_the_models,
+            )
             with context.begin_transaction():
                 context.run_migrations()
     finally:

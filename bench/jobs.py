@@ -5,6 +5,7 @@
     .venv/bin/python bench/jobs.py latency --xrays 10 --size 128 --repeat 20   # memory
     .venv/bin/python bench/jobs.py queue [--jobs 400] [--workers 1,2,4]
     .venv/bin/python bench/jobs.py startup [--repeat 5]
+    .venv/bin/python bench/jobs.py pickup [--jobs 40]
 
 ``latency``: a node (embedded PostgreSQL, in-process worker, defaults but for 192-pixel
 scales) holds an assembled phantom CT; each X-ray is sent by C-STORE on its own association,
@@ -16,6 +17,10 @@ from the job and registration rows. ``--phantom`` sends the X-rays of a phantom 
 ``startup``: ``xvr-node serve`` on the embedded default catalog: the first ``db upgrade``
 (initialises the cluster), then the time from launch to listening, and from SIGTERM to exit
 (the node stops its catalog server; checked), ``--repeat`` times.
+
+``pickup``: an idle ``xvr-node worker`` process with the default settings; one no-op job at
+a time is committed (as the receiver commits a register job with its X-ray), and the time
+from that commit to the job's start is read from the job row (one clock, one machine).
 
 ``queue``: N no-op jobs, drained by 1, 2 and 4 ``xvr-node worker`` processes sharing a
 throw-away PostgreSQL; jobs/s from the first claim to the last completion.
@@ -32,6 +37,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +252,57 @@ def queue_throughput(args: argparse.Namespace) -> dict:
     return results
 
 
+def pickup(args: argparse.Namespace) -> dict:
+    """Commit of a job → its start, with a worker idle (LISTEN/NOTIFY, polling as fallback)."""
+    from tests.support.postgres import new_postgres_database, running_postgres
+
+    waits = []
+    with running_postgres() as server, new_postgres_database(server) as url:
+        upgrade(url)
+        engine = make_engine(url)
+        sessions = session_factory(engine)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XVR_NODE")}
+        env |= {
+            "XVR_NODE__DATABASE__URL": url,
+            "XVR_NODE__STORAGE__ROOT": tempfile.mkdtemp(prefix="xvr-bench-pickup-"),
+            "XVR_NODE__WORKER__DEVICE": "cpu",
+        }
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "xvr_node", "worker", "--kind", "noop"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(10)  # imports, then the worker listens
+        rng = np.random.default_rng(0)
+        for _ in range(args.jobs):
+            time.sleep(float(rng.uniform(0.2, 1.0)))  # the worker is idle when a job comes
+            with sessions() as session:
+                job = queue.enqueue(session, JobKind.NOOP, {"seconds": 0.0})
+                committed = datetime.now(UTC)  # just before the commit: errs on the long side
+                session.commit()
+                job_id = job.id
+            while True:
+                with sessions() as session:
+                    started = session.get(Job, job_id).started_at
+                if started is not None:
+                    break
+                time.sleep(0.005)
+            waits.append((started - committed).total_seconds())
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+        engine.dispose()
+    milliseconds = np.array(waits) * 1000
+    return {
+        "jobs": args.jobs,
+        "pickup_ms": {
+            "median": round(float(np.median(milliseconds)), 1),
+            "p95": round(float(np.percentile(milliseconds, 95)), 1),
+            "max": round(float(milliseconds.max()), 1),
+        },
+    }
+
+
 def startup(args: argparse.Namespace) -> dict:
     """``serve`` on the embedded default: first initialisation, then start-ups and stops."""
     from xvr_node.catalog.embedded import EmbeddedCluster
@@ -306,7 +363,7 @@ def startup(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["latency", "queue", "startup"])
+    parser.add_argument("what", choices=["latency", "queue", "startup", "pickup"])
     parser.add_argument("--xrays", type=int, default=8)
     parser.add_argument("--phantom", type=Path, help="send this phantom's CT and X-rays")
     parser.add_argument("--size", type=int, default=192, help="pixels of the built phantom")
@@ -318,7 +375,12 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    run = {"latency": latency, "queue": queue_throughput, "startup": startup}[args.what]
+    run = {
+        "latency": latency,
+        "queue": queue_throughput,
+        "startup": startup,
+        "pickup": pickup,
+    }[args.what]
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"jobs-{args.what}.json"

@@ -321,7 +321,8 @@ class SchedulerSettings(Section):
 
 
 class WorkerSettings(Section):
-    """One worker process: its device and how it claims jobs."""
+    """One worker process: its device, and how its silence is noticed (the job engine's
+    heartbeats: ``lease_seconds`` without one and its job runs elsewhere)."""
 
     device: Annotated[str, AfterValidator(_device)] = "auto"
     concurrency: PositiveInt = 1

@@ -39,8 +39,9 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "taskName",
 }
 # Chatty libraries, held at WARNING even at DEBUG: pynetdicom's and pydicom's debug output can
-# dump dataset values; APScheduler logs every run of every job.
-_QUIET_LIBRARIES = ("pynetdicom", "pydicom", "apscheduler")
+# dump dataset values; APScheduler and procrastinate log every run of every job (the node
+# logs its own job_* lines).
+_QUIET_LIBRARIES = ("pynetdicom", "pydicom", "apscheduler", "procrastinate")
 
 
 def _is_name_key(key: str) -> bool:

@@ -12,7 +12,6 @@ import statistics
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -33,10 +32,13 @@ from xvr_node.catalog.models import (
     JobStatus,
     PoseModel,
     Registration,
-    utcnow,
 )
+from xvr_node.jobs.engine import stalled_jobs
 
 LOG = logging.getLogger(__name__)
+
+#: A running job whose worker was silent this long is reported by ``/healthz``.
+STALLED_AFTER_S = 60.0
 
 #: Figures over recent work (queue wait, registration time and similarity) use this many rows.
 RECENT = 200
@@ -198,13 +200,7 @@ def health(session: Session, workers_alive: int, workers_expected: int) -> tuple
     """200 when the catalog answers and every worker thread runs; 503 otherwise."""
     body: dict[str, Any] = {"version": __version__, "workers": workers_alive}
     try:
-        now = utcnow()
-        stale = session.scalar(
-            select(func.count(Job.id)).where(
-                Job.status == JobStatus.RUNNING, Job.lease_expires_at < now - timedelta(minutes=1)
-            )
-        )
-        body |= {"catalog": "ok", "expired_leases": stale}
+        body |= {"catalog": "ok", "stalled_jobs": stalled_jobs(session, STALLED_AFTER_S)}
     except Exception as error:  # the catalog is down: say so, do not crash the endpoint
         body |= {"catalog": f"error: {type(error).__name__}"}
         return 503, {**body, "status": "unhealthy"}

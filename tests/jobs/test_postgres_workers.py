@@ -1,7 +1,7 @@
 """Several ``xvr-node worker`` processes share one PostgreSQL catalog: every job runs once.
 
 Three real worker processes drain 60 short jobs; one is killed with SIGKILL in the middle of
-a job. Its job is reclaimed after the lease expires and completes exactly once; nothing is
+a job. Its job is run again once its heartbeat is missed and completes exactly once; nothing is
 lost or run twice to completion.
 """
 
@@ -82,7 +82,7 @@ def test_three_workers_drain_the_queue_once_even_when_one_is_killed(
                         select(Job).where(Job.status == JobStatus.RUNNING)
                     ).all()
                 for job in running:
-                    pid = int(job.lease_owner.split(":")[1])
+                    pid = int(job.worker.split(":")[1])
                     match = [w for w in workers if w.pid == pid]
                     if match and job.id > 5:
                         victim, victim_job = match[0], job.id

@@ -1,26 +1,47 @@
-"""The job table as a queue: priorities, the overnight window, leases, retries, reclaiming."""
+"""The ledger on the engine: priorities, the window, back-off, stalled workers, cancel, retry.
+
+Each test runs real procrastinate workers (``Worker.drain``: every job due now, then stop) on
+a migrated catalog. The node's clock is pinned; the engine measures waits by the database's.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import text
 
+from tests.support.postgres import make_due
 from xvr_node import clock
 from xvr_node.catalog.models import Job, JobKind, JobStatus
 from xvr_node.cli import cli
-from xvr_node.jobs import queue
+from xvr_node.config import load_settings
+from xvr_node.jobs import engine, queue
+from xvr_node.jobs.worker import JobYielded, PermanentJobError, Worker
 
-T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-LEASE_S = 60.0
+NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+NIGHT = datetime(2026, 11, 24, 23, 0, tzinfo=UTC)  # inside the default overnight window
 
 
 @pytest.fixture(autouse=True)
-def node_clock_at_t0():
-    """Enqueue stamps by the node's clock, claims pass ``now``: both read T0, on any day."""
-    with clock.pinned(T0):
+def node_clock_at_noon():
+    """What the node stamps happens at NOON, on any day the test runs."""
+    with clock.pinned(NOON):
         yield
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return load_settings(
+        None,
+        environ={
+            "XVR_NODE__STORAGE__ROOT": str(tmp_path / "store"),
+            "XVR_NODE__WORKER__LEASE_SECONDS": "2",
+            "XVR_NODE__WORKER__HEARTBEAT_SECONDS": "0.5",
+        },
+    )
 
 
 def add(session, kind, **options) -> int:
@@ -29,111 +50,172 @@ def add(session, kind, **options) -> int:
     return job.id
 
 
-def claim(session, worker="w1", now=T0, window_open=True, **options):
-    return queue.claim(session, worker, now, LEASE_S, window_open=window_open, **options)
+def worker(settings, sessions, handlers, now=NIGHT) -> Worker:
+    every = {str(kind): handlers.get(str(kind), lambda context: {}) for kind in queue.PRIORITY}
+    return Worker(settings, sessions, every, clock=lambda: now, device="cpu")
 
 
-def test_claims_go_by_priority_then_age_and_never_twice(sessions):
+def scheduled_in_s(sessions, job_id) -> float:
+    """Seconds from the database's now until the job's engine job is due."""
+    with sessions() as session:
+        return session.execute(
+            text(
+                "SELECT extract(epoch FROM scheduled_at - now()) FROM procrastinate_jobs "
+                "WHERE id = (SELECT engine_job_id FROM jobs WHERE id = :id)"
+            ),
+            {"id": job_id},
+        ).scalar_one()
+
+
+def test_jobs_run_by_priority_then_age_and_once(settings, sessions):
     with sessions() as session:
         finetune = add(session, JobKind.FINETUNE)
         assemble = add(session, JobKind.ASSEMBLE)
         first_register = add(session, JobKind.REGISTER, payload={"instance_id": 1})
         second_register = add(session, JobKind.REGISTER, payload={"instance_id": 2})
         export = add(session, JobKind.EXPORT)
-        order = [claim(session, worker=f"w{i}").id for i in range(5)]
-        assert order == [first_register, second_register, export, assemble, finetune]
-        assert claim(session) is None  # all leased: nothing left to claim
-        job = session.get(Job, first_register)
-        assert (job.status, job.lease_owner, job.attempts) == (JobStatus.RUNNING, "w0", 1)
-        assert job.lease_expires_at == T0 + timedelta(seconds=LEASE_S)
-
-
-def test_a_job_is_not_claimed_before_its_time(sessions):
+    ran = worker(settings, sessions, {}).drain()
+    assert ran == [first_register, second_register, export, assemble, finetune]
+    assert worker(settings, sessions, {}).drain() == []  # nothing runs twice
     with sessions() as session:
-        later = add(session, JobKind.NOOP, not_before=T0 + timedelta(minutes=5))
-        assert claim(session) is None
-        assert claim(session, now=T0 + timedelta(minutes=5)).id == later
+        job = session.get(Job, first_register)
+        assert (job.status, job.attempts, job.worker) == (JobStatus.SUCCEEDED, 1, None)
+        assert set(job.result) == {"seconds"}
 
 
-def test_outside_the_window_a_finetune_waits_unless_urgent(sessions):
+def test_a_job_waits_for_its_time_by_the_engine_clock(settings, sessions):
+    with sessions() as session:
+        later = add(session, JobKind.NOOP, not_before=NOON + timedelta(minutes=5))
+    assert scheduled_in_s(sessions, later) == pytest.approx(300, abs=5)
+    assert worker(settings, sessions, {}).drain() == []
+    make_due(sessions)
+    assert worker(settings, sessions, {}).drain() == [later]
+
+
+def test_outside_the_window_a_finetune_waits_for_the_night_unless_urgent(settings, sessions):
     with sessions() as session:
         waits = add(session, JobKind.FINETUNE)
-        assert claim(session, window_open=False) is None
         urgent = add(session, JobKind.FINETUNE, urgent=True)
-        assert claim(session, window_open=False).id == urgent
-        assert claim(session, window_open=True).id == waits
+    assert worker(settings, sessions, {}, now=NOON).drain() == [urgent]
+    # 12:00 → 20:00 (the window's default start): eight hours, by the engine's clock.
+    assert scheduled_in_s(sessions, waits) == pytest.approx(8 * 3600, abs=5)
+    with sessions() as session:
+        job = session.get(Job, waits)
+        assert (job.status, job.attempts) == (JobStatus.QUEUED, 0)
+        assert job.error == "outside the overnight window"
+    make_due(sessions)
+    assert worker(settings, sessions, {}, now=NIGHT).drain() == [waits]
 
 
-def test_failures_back_off_then_fail_for_good_with_their_reason(sessions):
+def test_an_urgent_request_lets_a_waiting_finetune_start_now(settings, sessions):
+    with sessions() as session:
+        job_id = add(session, JobKind.FINETUNE)
+    assert worker(settings, sessions, {}, now=NOON).drain() == []  # sent to the night
+    with sessions() as session:
+        assert queue.make_urgent(session, session.get(Job, job_id))
+        session.commit()
+    assert worker(settings, sessions, {}, now=NOON).drain() == [job_id]
+
+
+def test_failures_back_off_then_fail_for_good_with_their_reason(settings, sessions):
     with sessions() as session:
         job_id = add(session, JobKind.REGISTER, max_attempts=2)
-        claim(session)
-        status = queue.fail(session, job_id, "w1", T0, "PACS down", timedelta(seconds=30))
-        assert status == JobStatus.QUEUED
-        assert claim(session, now=T0 + timedelta(seconds=29)) is None  # backing off
-        assert claim(session, now=T0 + timedelta(seconds=30)).attempts == 2
-        status = queue.fail(session, job_id, "w1", T0, "PACS still down", timedelta(seconds=60))
-        assert status == JobStatus.FAILED
+    errors = iter(["PACS down", "PACS still down"])
+
+    def flaky(context):
+        raise RuntimeError(next(errors))
+
+    assert worker(settings, sessions, {"register": flaky}).drain() == [job_id]
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.attempts, job.error) == ("queued", 1, "RuntimeError: PACS down")
+    assert scheduled_in_s(sessions, job_id) == pytest.approx(30, abs=5)  # backing off
+    assert worker(settings, sessions, {"register": flaky}).drain() == []
+    make_due(sessions)
+    assert worker(settings, sessions, {"register": flaky}).drain() == [job_id]
+    with sessions() as session:
         job = session.get(Job, job_id, populate_existing=True)
-        assert (job.status, job.error, job.lease_owner) == ("failed", "PACS still down", None)
+        assert (job.status, job.attempts) == ("failed", 2)
+        assert job.error == "RuntimeError: PACS still down"
+        assert engine.engine_status(session, job.engine_job_id) == "failed"
 
 
-def test_a_permanent_error_fails_at_once(sessions):
+def test_a_permanent_error_fails_at_once(settings, sessions):
     with sessions() as session:
         job_id = add(session, JobKind.REGISTER)
-        claim(session)
-        assert queue.fail(session, job_id, "w1", T0, "not an X-ray", None) == JobStatus.FAILED
 
+    def bad(context):
+        raise PermanentJobError("not an X-ray")
 
-def test_an_expired_lease_is_reclaimed_and_the_stale_worker_cannot_finish(sessions):
+    worker(settings, sessions, {"register": bad}).drain()
     with sessions() as session:
-        job_id = add(session, JobKind.NOOP)
-        claim(session, worker="dead")
-        assert queue.reclaim_expired(session, T0 + timedelta(seconds=LEASE_S - 1)) == []
-        assert queue.heartbeat(session, job_id, "dead", T0 + timedelta(seconds=30), LEASE_S)
-        # The heartbeat moved the expiry: 61 s after the claim the lease still holds.
-        assert queue.reclaim_expired(session, T0 + timedelta(seconds=LEASE_S + 1)) == []
-        later = T0 + timedelta(seconds=30 + LEASE_S + 1)
-        assert queue.reclaim_expired(session, later) == [job_id]
-        job = session.get(Job, job_id, populate_existing=True)
-        assert job.status == JobStatus.QUEUED and "lease of worker dead expired" in job.error
-        assert claim(session, worker="alive", now=later).id == job_id
-        # The first worker wakes up: it cannot heartbeat, complete or fail a job it lost.
-        assert not queue.heartbeat(session, job_id, "dead", later, LEASE_S)
-        assert not queue.complete(session, job_id, "dead", later, {"by": "dead"})
-        assert queue.fail(session, job_id, "dead", later, "x", timedelta(0)) is None
-        assert queue.complete(session, job_id, "alive", later, {"by": "alive"})
-        job = session.get(Job, job_id, populate_existing=True)
-        assert (job.status, job.result, job.attempts) == ("succeeded", {"by": "alive"}, 2)
+        job = session.get(Job, job_id)
+        assert (job.status, job.error) == ("failed", "not an X-ray")
+        assert engine.engine_status(session, job.engine_job_id) == "failed"
 
 
-def test_a_lease_that_expires_once_too_often_fails_the_job(sessions):
-    with sessions() as session:
-        job_id = add(session, JobKind.NOOP, max_attempts=1)
-        claim(session, worker="dead")
-        queue.reclaim_expired(session, T0 + timedelta(hours=1))
-        job = session.get(Job, job_id, populate_existing=True)
-        assert job.status == JobStatus.FAILED and "attempt 1 of 1" in job.error
-
-
-def test_a_released_job_does_not_use_up_an_attempt(sessions):
+def test_a_yielded_job_resumes_without_using_up_an_attempt(settings, sessions):
     with sessions() as session:
         job_id = add(session, JobKind.FINETUNE, max_attempts=1)
-        claim(session)
-        assert queue.release(session, job_id, "w1", T0, {"resume": True}, "preempted")
-        job = session.get(Job, job_id, populate_existing=True)
-        assert (job.status, job.attempts, job.payload) == ("queued", 0, {"resume": True})
-        assert claim(session).attempts == 1
+    seen = []
+
+    def finetune(context):
+        seen.append(dict(context.payload))
+        if not context.payload:
+            raise JobYielded("preempted", payload={"resume": True})
+        return {}
+
+    assert worker(settings, sessions, {"finetune": finetune}).drain() == [job_id, job_id]
+    assert seen == [{}, {"resume": True}]
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.attempts) == ("succeeded", 1)
+
+
+def test_a_job_of_a_silent_worker_runs_again_and_its_old_run_is_a_no_op(settings, sessions):
+    with sessions() as session:
+        job_id = add(session, JobKind.NOOP, max_attempts=2)
+        # A worker took it, then went silent (its last heartbeat long ago).
+        worker_row = session.execute(
+            text(
+                "INSERT INTO procrastinate_workers (last_heartbeat) "
+                "VALUES (now() - interval '1 hour') RETURNING id"
+            )
+        ).scalar_one()
+        session.execute(
+            text("UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w"),
+            {"w": worker_row},
+        )
+        job = session.get(Job, job_id)
+        job.status, job.attempts, job.worker = JobStatus.RUNNING, 1, "silent"
+        session.commit()
+    alive = worker(settings, sessions, {})
+
+    async def recover():
+        app = engine.make_app(alive._url())
+        async with app.open_async():
+            return await alive.recover_stalled(app)
+
+    assert asyncio.run(recover()) == [job_id]
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job.status == JobStatus.QUEUED
+        assert "worker silent stopped answering" in job.error and "attempt 1 of 2" in job.error
+    assert alive.drain() == [job_id]  # due at once, by the engine's clock
+    with sessions() as session:
+        assert session.get(Job, job_id).status == JobStatus.SUCCEEDED
 
 
 def test_waiting_above_sees_only_more_urgent_due_work(sessions):
     with sessions() as session:
         finetune = queue.PRIORITY[JobKind.FINETUNE]
         add(session, JobKind.FINETUNE)
-        assert not queue.waiting_above(session, finetune, T0, True)
-        add(session, JobKind.REGISTER, not_before=T0 + timedelta(minutes=1))
-        assert not queue.waiting_above(session, finetune, T0, True)  # not due yet
-        assert queue.waiting_above(session, finetune, T0 + timedelta(minutes=1), True)
+        assert not engine.waiting_above(session, finetune, None)
+        add(session, JobKind.REGISTER, not_before=NOON + timedelta(minutes=1))
+        assert not engine.waiting_above(session, finetune, None)  # not due yet
+        add(session, JobKind.REGISTER)
+        assert engine.waiting_above(session, finetune, None)
+        assert not engine.waiting_above(session, finetune, ["finetune", "export"])
 
 
 def test_dedupe_keys_give_one_job_per_fact(sessions):
@@ -142,21 +224,36 @@ def test_dedupe_keys_give_one_job_per_fact(sessions):
         second = add(session, JobKind.REGISTER, dedupe_key="register:instance:7")
         assert first == second
         assert len(queue.list_jobs(session)) == 1
+        engine_jobs = session.execute(text("SELECT count(*) FROM procrastinate_jobs")).scalar()
+        assert engine_jobs == 1
 
 
-def test_cancel_and_retry_follow_the_rules(sessions):
+def test_a_job_and_its_engine_job_commit_or_roll_back_together(sessions):
+    with sessions() as session:
+        add(session, JobKind.NOOP)
+        queue.enqueue(session, JobKind.NOOP, {})
+        session.rollback()
+        assert len(queue.list_jobs(session)) == 1
+        assert session.execute(text("SELECT count(*) FROM procrastinate_jobs")).scalar() == 1
+
+
+def test_cancel_and_retry_follow_the_rules(settings, sessions):
     with sessions() as session:
         job_id = add(session, JobKind.NOOP)
-        claim(session)
-        queue.cancel(session, job_id, T0)
-        assert not queue.heartbeat(session, job_id, "w1", T0, LEASE_S)  # the worker stops
+        queue.cancel(session, job_id, NOON)
+        assert engine.engine_status(session, session.get(Job, job_id).engine_job_id) == (
+            "cancelled"
+        )
         with pytest.raises(ValueError, match="only queued or running"):
-            queue.cancel(session, job_id, T0)
-        assert queue.retry(session, job_id, T0).status == JobStatus.QUEUED
+            queue.cancel(session, job_id, NOON)
+    assert worker(settings, sessions, {}).drain() == []
+    with sessions() as session:
+        assert queue.retry(session, job_id, NOON).status == JobStatus.QUEUED
         with pytest.raises(ValueError, match="only failed or cancelled"):
-            queue.retry(session, job_id, T0)
+            queue.retry(session, job_id, NOON)
         with pytest.raises(LookupError):
-            queue.retry(session, 999, T0)
+            queue.retry(session, 999, NOON)
+    assert worker(settings, sessions, {}).drain() == [job_id]
 
 
 def test_jobs_cli_lists_cancels_and_retries(tmp_path, monkeypatch):
@@ -176,7 +273,11 @@ def test_jobs_cli_lists_cancels_and_retries(tmp_path, monkeypatch):
     # Each command started and stopped the node's embedded catalog; it kept the jobs.
     assert not EmbeddedCluster(tmp_path / "store").is_running()
     with catalog_server(None, tmp_path / "store") as url:
-        engine = make_engine(url)
-        with session_factory(engine)() as session:
+        engine_ = make_engine(url)
+        with session_factory(engine_)() as session:
             assert queue.counts_by_status(session) == {"queued": 2}
-        engine.dispose()
+            todo = session.execute(
+                text("SELECT count(*) FROM procrastinate_jobs WHERE status = 'todo'")
+            ).scalar()
+            assert todo == 2
+        engine_.dispose()

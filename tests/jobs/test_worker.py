@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from sqlalchemy import select
 
+from tests.support.postgres import make_due
 from tests.support.training import TINY_TRAINING, environment
 from xvr_node import clock
 from xvr_node.catalog.db import make_engine, session_factory
@@ -116,6 +117,8 @@ def test_the_window_is_kept_in_the_hospital_time_zone(tmp_path, hold_catalog):
         session.commit()
     assert worker.run_one() == urgent  # ... unless urgent
     now[0] = night
+    assert worker.run_one() is None  # the engine waits half an hour for 20:00 in Berlin
+    make_due(sessions)
     assert worker.run_one() == waits
     engine.dispose()
 
@@ -231,7 +234,7 @@ def test_a_stopping_worker_requeues_its_finetune_and_another_finishes_it(finetun
     assert not thread.is_alive()
     with sessions() as session:
         job = session.get(Job, finetune_id)
-        assert job.status == JobStatus.QUEUED and job.lease_owner is None
+        assert job.status == JobStatus.QUEUED and job.worker is None
         assert job.error.startswith("worker stopping; checkpoint at iteration")
     stopped_at = len(iterations_logged(store, sessions))
     assert stopped_at < 8
@@ -258,6 +261,7 @@ def test_a_finetune_that_cannot_fit_the_window_waits_for_the_next_night(finetune
     now[0] = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
     assert worker.run_one() is None  # not in the day
     now[0] = datetime(2026, 11, 25, 20, 1, tzinfo=UTC)
+    make_due(sessions)  # what fourteen hours of waiting do
     assert worker.run_one() == finetune_id
     with sessions() as session:
         job = session.get(Job, finetune_id)

@@ -95,3 +95,14 @@ def require_current_schema(url: str) -> None:
         f"the catalog database is at revision {current}, this xvr-node needs {head}: "
         "run `xvr-node db upgrade`"
     )
+
+
+#: Tables of the job engine (procrastinate), created by migration 0006 from its own schema.
+ENGINE_TABLE_PREFIX = "procrastinate_"
+
+
+def owned_by_the_models(name: str | None, type_: str, parent_names: object) -> bool:
+    """Alembic's ``include_name``: compare only what the models declare, not the engine's."""
+    if type_ == "table":
+        return not (name or "").startswith(ENGINE_TABLE_PREFIX)
+    return True

@@ -394,7 +394,8 @@ class PoseModel(Base):
 
 
 class Job(Base):
-    """One unit of pipeline work, claimed by a worker under a lease."""
+    """One unit of pipeline work: the node's ledger row; the engine job that runs it now is
+    ``engine_job_id`` (a ``procrastinate_jobs`` row)."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -415,9 +416,8 @@ class Job(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(
         default=utcnow, server_default=func.now(), index=True
     )
-    lease_owner: Mapped[str | None] = mapped_column(String(255))
-    heartbeat_at: Mapped[datetime | None]
-    lease_expires_at: Mapped[datetime | None]
+    worker: Mapped[str | None] = mapped_column(String(255))  # who runs it now
+    engine_job_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     created_at: Mapped[datetime] = _created_at()
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -427,11 +427,6 @@ class Job(Base):
     progress: Mapped[dict[str, Any] | None]
     # e.g. "assemble:series:42": at most one row per key, whatever its status.
     dedupe_key: Mapped[str | None] = mapped_column(String(255), unique=True)
-
-
-# The claim query: WHERE status = 'queued' AND next_attempt_at <= now
-# ORDER BY priority DESC, next_attempt_at.
-Index("ix_jobs_claim", Job.status, Job.priority.desc(), Job.next_attempt_at)
 
 
 class Registration(Base):

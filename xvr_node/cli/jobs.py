@@ -46,8 +46,8 @@ def jobs_list(state: CliState, status, kind, limit: int, as_json: bool) -> None:
             f"attempts={r['attempts']}/{r['max_attempts']} created {r['created_at']} "
             f"{json.dumps(r['payload'], sort_keys=True)}"
         )
-        if r["lease_owner"]:
-            line += f" on {r['lease_owner']}"
+        if r["worker"]:
+            line += f" on {r['worker']}"
         click.echo(line + (f"  ({r['error']})" if r["error"] else ""))
     click.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no jobs")
 

@@ -48,7 +48,7 @@ def serve_command(state: CliState, no_worker: bool) -> None:
     help="Only these job kinds (repeatable); default: all.",
 )
 @click.option(
-    "--name", default="", help="Added to the worker ids in leases and logs (systemd: %i)."
+    "--name", default="", help="Added to the worker ids in the job rows and logs (systemd: %i)."
 )
 @click.pass_obj
 def worker_command(state: CliState, kinds: tuple[str, ...], name: str) -> None:

@@ -19,15 +19,12 @@ from xvr_node.catalog.models import Export, ExportKind, ExportStatus, utcnow
 from xvr_node.config import Destination, Settings
 from xvr_node.dicom import scu
 from xvr_node.dicom.storage import FileStore, is_valid_uid
+from xvr_node.jobs.engine import backoff_seconds
 
 LOG = logging.getLogger(__name__)
 
 #: Rows a deliverer picks up: never ``sent`` (no duplicates) nor ``parked`` (needs a person).
 DUE_STATUSES = (ExportStatus.PENDING, ExportStatus.RETRYING)
-
-#: Back-off after a transient failure: 30 s, doubling, at most an hour.
-BACKOFF_BASE_S = 30.0
-BACKOFF_CAP_S = 3600.0
 
 #: Files sent per association; keeps each claim (and each lost association) small.
 BATCH_SIZE = 64
@@ -36,9 +33,8 @@ Backoff = Callable[[int], timedelta]
 
 
 def exponential_backoff(attempts: int) -> timedelta:
-    """Wait after the ``attempts``-th failure: a PACS down all weekend is tried hourly."""
-    exponent = min(max(attempts - 1, 0), 20)
-    return timedelta(seconds=min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**exponent))
+    """Wait after the ``attempts``-th failure: the job engine's back-off."""
+    return timedelta(seconds=backoff_seconds(attempts))
 
 
 def result_path(ds: Dataset) -> PurePosixPath:

@@ -18,7 +18,6 @@ from xvr_node.catalog.models import (
     Instance,
     Job,
     JobKind,
-    JobStatus,
     ModelState,
     PoseModel,
     Registration,
@@ -28,7 +27,7 @@ from xvr_node.catalog.models import (
     Volume,
     VolumeState,
 )
-from xvr_node.jobs.queue import enqueue
+from xvr_node.jobs.queue import enqueue, make_urgent
 
 LOG = logging.getLogger(__name__)
 
@@ -119,8 +118,7 @@ def queue_finetune(session: Session, volume: Volume, urgent: bool) -> Job:
         dedupe_key=f"finetune:volume:{volume.id}",
         urgent=urgent,
     )
-    if urgent and not job.urgent and job.status == JobStatus.QUEUED:
-        job.urgent = True
+    if urgent and make_urgent(session, job):
         LOG.info(
             "finetune made urgent",
             extra={"event": "finetune_urgent", "job": job.id, "volume": volume.id},

@@ -1,29 +1,36 @@
-"""A worker: claim a job, keep its lease alive, run it, record the outcome; repeat.
+"""Workers: run the node's jobs on the engine (procrastinate), one ledger row at a time.
 
-``xvr-node serve`` runs one (or ``worker.concurrency``) inside the node; ``xvr-node worker``
-runs them alone, for more GPUs or more machines sharing a PostgreSQL catalog and a store.
-What each job kind does lives in :mod:`xvr_node.jobs.pipeline`; this module only runs jobs.
+``xvr-node serve`` runs a :class:`Worker` (``worker.concurrency`` jobs at once) inside the
+node; ``xvr-node worker`` runs it alone, for more GPUs or more machines sharing the catalog
+and the store. procrastinate fetches, heartbeats, retries and recovers; this module turns an
+engine job into a run of the ledger job it points at, and records how that ended. What each
+kind does lives in :mod:`xvr_node.jobs.pipeline`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
+import procrastinate
 from sqlalchemy.orm import Session, sessionmaker
 
-from xvr_node.catalog.models import utcnow
+from xvr_node.catalog.models import Job, JobKind, JobStatus, utcnow
 from xvr_node.clock import Clock
 from xvr_node.config import Settings
-from xvr_node.jobs import queue
-from xvr_node.jobs.export import exponential_backoff
+from xvr_node.jobs import engine
+from xvr_node.jobs.engine import JobFailed, PermanentJobError
+
+__all__ = ["JobContext", "JobYielded", "PermanentJobError", "Worker", "start_workers"]
 
 LOG = logging.getLogger(__name__)
 
@@ -41,10 +48,6 @@ class JobYielded(Exception):
         self.reason = reason
         self.payload = payload
         self.resume_at = resume_at  # None: as soon as a worker is free
-
-
-class PermanentJobError(Exception):
-    """Bad input: trying again cannot help, so the job fails at once with this reason."""
 
 
 def resolve_device(device: str) -> str:
@@ -73,7 +76,7 @@ class JobContext:
     max_attempts: int
     session: Session
     worker: Worker
-    lease_lost: threading.Event = field(default_factory=threading.Event)
+    engine_context: procrastinate.JobContext | None = None
 
     @property
     def device(self) -> str:
@@ -83,22 +86,27 @@ class JobContext:
         return self.worker.clock()
 
     def should_yield(self) -> bool:
-        """Stop now? The worker is stopping, the lease is gone, or more urgent work waits.
-
-        Long jobs (finetuning) ask between steps; the answer costs one indexed query.
-        """
-        if self.worker.stopping.is_set() or self.lease_lost.is_set():
+        """Stop now? The worker is stopping, a person cancelled the job, or more urgent
+        work waits. Long jobs (finetuning) ask between steps; one indexed query."""
+        if self.worker.stopping.is_set():
+            return True
+        if self.engine_context is not None and self.engine_context.should_abort():
             return True
         with self.worker.sessions() as session:
-            now = self.now()
-            return queue.waiting_above(session, self.priority, now, self.worker.window_open(now))
+            return engine.waiting_above(session, self.priority, self.worker.kinds)
 
 
 Handler = Callable[[JobContext], "dict[str, Any] | None"]
 
 
+def run_ledger_job(context: procrastinate.JobContext, job_id: int) -> Any:
+    """The body of every engine task: run ledger job ``job_id`` on this worker."""
+    runner: Worker = context.additional_context["runner"]
+    return runner.execute(context, job_id)
+
+
 class Worker:
-    """One job at a time; ``run`` loops until :attr:`stopping` is set."""
+    """Runs engine jobs (``concurrency`` at once) until :attr:`stopping` is set."""
 
     def __init__(
         self,
@@ -111,6 +119,7 @@ class Worker:
         device: str | None = None,
         kinds: list[str] | None = None,
         stopping: threading.Event | None = None,
+        concurrency: int = 1,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -118,8 +127,12 @@ class Worker:
         self.worker_id = worker_id or default_worker_id()
         self.clock = clock
         self.device = device or resolve_device(settings.worker.device)
-        self.kinds = kinds or list(self.handlers)
+        self.kinds = [str(kind) for kind in (kinds or self.handlers)]
         self.stopping = stopping or threading.Event()
+        self.concurrency = concurrency
+        self.ran: list[int] = []  # ledger ids this worker ran (tests, benchmarks)
+        self._stop_after_one = False
+        self._engine: tuple[asyncio.AbstractEventLoop, asyncio.Task[None]] | None = None
 
     # --- time ----------------------------------------------------------------------------
 
@@ -128,59 +141,180 @@ class Worker:
         scheduler = self.settings.scheduler
         return scheduler.overnight_window.contains(now.astimezone(scheduler.zone).time())
 
-    # --- the loop ------------------------------------------------------------------------
+    # --- the engine ----------------------------------------------------------------------
 
     def run(self) -> None:
-        """Claim and run jobs until stopped; when idle, reclaim leases of dead workers."""
-        poll = self.settings.scheduler.poll_interval_s
+        """Run jobs until stopped (new ones wake the worker by LISTEN/NOTIFY)."""
         LOG.info(
             "worker started",
             extra={"event": "worker_started", "worker": self.worker_id, "device": self.device},
         )
-        while not self.stopping.is_set():
-            try:
-                ran = self.run_one()
-            except Exception:  # the catalog was unreachable: wait and try again
-                LOG.exception("worker loop error", extra={"event": "worker_error"})
-                ran = None
-            if ran is None:
-                self.reclaim()
-                self.stopping.wait(poll)
+        asyncio.run(self._serve(wait=True))
         LOG.info("worker stopped", extra={"event": "worker_stopped", "worker": self.worker_id})
 
-    def reclaim(self) -> list[int]:
-        with self.sessions() as session:
-            reclaimed = queue.reclaim_expired(session, self.clock())
-        for job_id in reclaimed:
-            LOG.warning(
-                "lease expired; job re-queued",
-                extra={"event": "job_reclaimed", "job": job_id, "worker": self.worker_id},
-            )
-        return reclaimed
+    def drain(self) -> list[int]:
+        """Run every job due now, then return the ledger ids run (tests and the CLI)."""
+        before = len(self.ran)
+        asyncio.run(self._serve(wait=False))
+        return self.ran[before:]
 
     def run_one(self) -> int | None:
-        """Claim the best due job and run it; its id, or ``None`` when none was due."""
-        with self.sessions() as session:
-            now = self.clock()
-            job = queue.claim(
-                session,
-                self.worker_id,
-                now,
-                self.settings.worker.lease_seconds,
-                window_open=self.window_open(now),
-                kinds=self.kinds,
-            )
-            if job is None:
-                return None
-            claimed = (job.id, job.kind, dict(job.payload), job.priority, job.attempts)
-            limit, queued_s = job.max_attempts, (now - job.created_at).total_seconds()
-        with self.sessions() as session:
-            job_id, kind, payload, priority, attempts = claimed
-            context = JobContext(job_id, kind, payload, priority, attempts, limit, session, self)
-            self._execute(context, queued_s)
-        return job_id
+        """Run the best job due now; its ledger id, or None when none was due."""
+        self._stop_after_one = True
+        try:
+            ran = self.drain()
+        finally:
+            self._stop_after_one = False
+        return ran[0] if ran else None
 
-    def _execute(self, context: JobContext, queued_s: float) -> None:
+    def _stop_engine(self) -> None:
+        """Stop fetching (from a job's thread): the job in hand still finishes."""
+        if self._engine is not None:
+            loop, task = self._engine
+            loop.call_soon_threadsafe(task.cancel)
+
+    def _url(self) -> str:
+        bind = self.sessions.kw["bind"]
+        return bind.url.render_as_string(hide_password=False)
+
+    async def _serve(self, wait: bool) -> None:
+        worker = self.settings.worker
+        app = engine.make_app(self._url(), pool_size=self.concurrency + 3)
+        async with app.open_async():
+            running = asyncio.create_task(
+                app.run_worker_async(
+                    queues=self.kinds,
+                    name=self.worker_id,
+                    concurrency=self.concurrency,
+                    wait=wait,
+                    listen_notify=wait,
+                    install_signal_handlers=False,
+                    additional_context={"runner": self},
+                    fetch_job_polling_interval=self.settings.scheduler.poll_interval_s,
+                    abort_job_polling_interval=worker.heartbeat_seconds,
+                    update_heartbeat_interval=worker.heartbeat_seconds,
+                    stalled_worker_timeout=worker.lease_seconds,
+                )
+            )
+            self._engine = (asyncio.get_running_loop(), running)
+            if not wait:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
+                self._engine = None
+                return
+            next_recovery = 0.0
+            while not self.stopping.is_set() and not running.done():
+                if time.monotonic() >= next_recovery:
+                    next_recovery = time.monotonic() + worker.heartbeat_seconds
+                    try:
+                        await self.recover_stalled(app)
+                    except Exception:  # the catalog was unreachable: try again next time
+                        LOG.warning("stalled-job check failed", exc_info=True)
+                await asyncio.sleep(0.1)
+            running.cancel()  # the engine's graceful stop: running jobs finish or yield
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+            self._engine = None
+
+    async def recover_stalled(self, app: procrastinate.App) -> list[int]:
+        """Jobs of workers that stopped heartbeating: run again, or fail after the last try."""
+        lease_s = self.settings.worker.lease_seconds
+        stalled = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=lease_s)
+        recovered = []
+        for engine_job in stalled:
+            job_id = int(engine_job.task_kwargs["job_id"])
+            gave_up, database_now = await asyncio.to_thread(
+                self._record_stall, job_id, engine_job.id, lease_s
+            )
+            if gave_up:
+                await app.job_manager.finish_job_by_id_async(
+                    engine_job.id, status=procrastinate.jobs.Status.FAILED, delete_job=False
+                )
+            else:
+                # Due now by the database's clock (procrastinate's default is this host's).
+                await app.job_manager.retry_job(engine_job, retry_at=database_now)
+            recovered.append(job_id)
+            LOG.warning(
+                "worker stopped answering; job %s",
+                "failed" if gave_up else "re-queued",
+                extra={"event": "job_reclaimed", "job": job_id, "worker": self.worker_id},
+            )
+        return recovered
+
+    def _record_stall(
+        self, job_id: int, engine_job_id: int, lease_s: float
+    ) -> tuple[bool, datetime]:
+        """Record why the job runs again (or fails): (attempts used up?, the database's now)."""
+        with self.sessions() as session:
+            database_now = engine.engine_time_after(session, 0.0)
+            job = session.get(Job, job_id, populate_existing=True)
+            if job is None or job.engine_job_id != engine_job_id:
+                return False, database_now  # a stale engine job: retried into a no-op
+            gave_up = job.attempts >= job.max_attempts
+            reason = (
+                f"worker {job.worker} stopped answering (no heartbeat for {lease_s:g} s); "
+                f"attempt {job.attempts} of {job.max_attempts}"
+            )
+            if job.status == JobStatus.RUNNING:
+                job.status = JobStatus.FAILED if gave_up else JobStatus.QUEUED
+                job.error, job.worker = reason, None
+                if gave_up:
+                    job.finished_at = self.clock()
+            session.commit()
+            return gave_up, database_now
+
+    # --- one job -------------------------------------------------------------------------
+
+    def execute(self, engine_context: procrastinate.JobContext, job_id: int) -> Any:
+        """Run ledger job ``job_id`` if ``engine_context``'s job is still the one for it."""
+        engine_job_id = engine_context.job.id
+        with self.sessions() as session:
+            job = session.get(Job, job_id, populate_existing=True)
+            if (
+                job is None
+                or job.engine_job_id != engine_job_id
+                or job.status
+                not in (
+                    JobStatus.QUEUED,
+                    JobStatus.RUNNING,
+                )
+            ):
+                LOG.info(
+                    "engine job %s is no longer current for job %s; nothing to do",
+                    engine_job_id,
+                    job_id,
+                    extra={"event": "job_stale", "job": job_id},
+                )
+                return None
+            now = self.clock()
+            if job.kind == JobKind.FINETUNE and not job.urgent and not self.window_open(now):
+                resume = self.settings.scheduler.overnight_window.next_start(
+                    now.astimezone(self.settings.scheduler.zone)
+                )
+                self._requeue(session, job, "outside the overnight window", resume, None)
+                return None
+            job.status, job.worker = JobStatus.RUNNING, self.worker_id
+            job.attempts += 1
+            job.started_at, job.finished_at = now, None
+            queued_s = (now - job.created_at).total_seconds()
+            session.commit()
+            context = JobContext(
+                job.id,
+                job.kind,
+                dict(job.payload),
+                job.priority,
+                job.attempts,
+                job.max_attempts,
+                session,
+                self,
+                engine_context,
+            )
+            self.ran.append(job.id)
+            if self._stop_after_one:
+                self._stop_engine()
+            return self._run(context, queued_s)
+
+    def _run(self, context: JobContext, queued_s: float) -> Any:
         extra = {"job": context.job_id, "kind": context.kind, "worker": self.worker_id}
         LOG.info(
             "job started",
@@ -191,77 +325,93 @@ class Worker:
                 "queued_s": round(queued_s, 3),
             },
         )
-        beating = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(context, beating), daemon=True)
-        beat.start()
         began = time.perf_counter()
-        outcome: str
         try:
-            handler = self.handlers[context.kind]
-            result = handler(context) or {}
-            result = {**result, "seconds": round(time.perf_counter() - began, 3)}
-            with self.sessions() as session:
-                done = queue.complete(session, context.job_id, self.worker_id, self.clock(), result)
-            outcome = "succeeded" if done else "lease_lost"
+            result = self.handlers[context.kind](context) or {}
         except JobYielded as yielded:
-            with self.sessions() as session:
-                released = queue.release(
-                    session,
-                    context.job_id,
-                    self.worker_id,
-                    self.clock(),
-                    yielded.payload,
-                    yielded.reason,
-                    yielded.resume_at,
-                )
-            outcome = "yielded" if released else "lease_lost"
-            extra["reason"] = yielded.reason
-        except Exception as error:  # every failure is recorded; none kills the worker
-            outcome = self._record_failure(context, error)
-            extra["error"] = describe_error(error, self.device)
-        finally:
-            beating.set()
-            beat.join()
             context.session.rollback()
+            with self.sessions() as session:
+                job = session.get(Job, context.job_id, populate_existing=True)
+                cancelled = job.status == JobStatus.CANCELLED
+                if not cancelled:
+                    job.attempts = max(job.attempts - 1, 0)  # yielding is no failure
+                    self._requeue(session, job, yielded.reason, yielded.resume_at, yielded.payload)
+            outcome = "cancelled" if cancelled else "yielded"
+            extra["reason"] = yielded.reason
+            self._log(outcome, extra, began)
+            return None
+        except Exception as error:  # every failure is recorded; none kills the worker
+            context.session.rollback()
+            retry_at = self._record_failure(context, error)
+            extra["error"] = describe_error(error, self.device)
+            self._log("retrying" if retry_at is not None else "failed", extra, began)
+            raise JobFailed(extra["error"], retry_at) from error
         seconds = round(time.perf_counter() - began, 3)
-        level = logging.WARNING if outcome not in ("succeeded", "yielded") else logging.INFO
-        LOG.log(level, "job %s", outcome, extra={"event": f"job_{outcome}", **extra, "s": seconds})
+        context.session.rollback()
+        with self.sessions() as session:
+            job = session.get(Job, context.job_id, populate_existing=True)
+            if job.status == JobStatus.RUNNING:
+                job.status, job.finished_at = JobStatus.SUCCEEDED, self.clock()
+                job.result, job.error, job.worker = {**result, "seconds": seconds}, None, None
+                session.commit()
+        self._log("succeeded", extra, began)
+        return {"job": context.job_id}
 
-    def _record_failure(self, context: JobContext, error: Exception) -> str:
+    def _requeue(
+        self,
+        session: Session,
+        job: Job,
+        reason: str,
+        resume_at: datetime | None,
+        payload: dict[str, Any] | None,
+    ) -> None:
+        """Give ``job`` back to the queue with a new engine job, in one commit."""
+        now = self.clock()
+        job.status, job.worker, job.error = JobStatus.QUEUED, None, reason or None
+        job.next_attempt_at = resume_at or now
+        if payload is not None:
+            job.payload = payload
+        job.engine_job_id = engine.defer(
+            session,
+            job.id,
+            job.kind,
+            priority=job.priority,
+            delay_s=None if resume_at is None else (resume_at - now).total_seconds(),
+        )
+        session.commit()
+
+    def _record_failure(self, context: JobContext, error: Exception) -> datetime | None:
+        """Record the reason; when the engine runs it again (its clock), or None: failed."""
         reason = describe_error(error, self.device)
         permanent = isinstance(error, PermanentJobError)
         if not permanent:
             LOG.error("job raised", exc_info=error, extra={"event": "job_error"})
         if _is_gpu_oom(error):
             _free_gpu_memory()
-        retry_after = None if permanent else exponential_backoff(context.attempts)
+        retry = not permanent and context.attempts < context.max_attempts
+        retry_in = engine.backoff_seconds(context.attempts) if retry else None
         with self.sessions() as session:
-            status = queue.fail(
-                session, context.job_id, self.worker_id, self.clock(), reason, retry_after
-            )
-        if status is None:
-            return "lease_lost"
-        return "failed" if status == "failed" else "retrying"
-
-    def _heartbeat(self, context: JobContext, done: threading.Event) -> None:
-        interval = self.settings.worker.heartbeat_seconds
-        lease_s = self.settings.worker.lease_seconds
-        while not done.wait(interval):
-            try:
-                with self.sessions() as session:
-                    alive = queue.heartbeat(
-                        session, context.job_id, self.worker_id, self.clock(), lease_s
-                    )
-            except Exception:  # a missed beat is retried; lease expiry is the backstop
-                LOG.warning("heartbeat failed", extra={"event": "heartbeat_failed"}, exc_info=True)
-                continue
-            if not alive:
-                context.lease_lost.set()
-                LOG.warning(
-                    "lease lost (cancelled or reclaimed)",
-                    extra={"event": "lease_lost", "job": context.job_id},
+            job = session.get(Job, context.job_id, populate_existing=True)
+            if job.status != JobStatus.RUNNING:
+                return None  # cancelled meanwhile: stays so
+            now = self.clock()
+            job.error, job.worker = reason, None
+            retry_at = None
+            if retry_in is not None:
+                job.status, job.next_attempt_at = (
+                    JobStatus.QUEUED,
+                    now + timedelta(seconds=retry_in),
                 )
-                return
+                retry_at = engine.engine_time_after(session, retry_in)
+            else:
+                job.status, job.finished_at = JobStatus.FAILED, now
+            session.commit()
+        return retry_at
+
+    def _log(self, outcome: str, extra: dict[str, Any], began: float) -> None:
+        seconds = round(time.perf_counter() - began, 3)
+        level = logging.INFO if outcome in ("succeeded", "yielded") else logging.WARNING
+        LOG.log(level, "job %s", outcome, extra={"event": f"job_{outcome}", **extra, "s": seconds})
 
 
 def _is_gpu_oom(error: BaseException) -> bool:
@@ -302,8 +452,8 @@ def noop(context: JobContext) -> dict[str, Any]:
         _append(trace, f"start {line}\n")
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if context.lease_lost.is_set():
-            raise JobYielded("lease lost")
+        if context.engine_context is not None and context.engine_context.should_abort():
+            raise JobYielded("cancelled")
         time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
     if trace:
         _append(trace, f"done {line}\n")
