@@ -407,3 +407,33 @@ def test_an_adopted_model_is_checked_and_replaces_the_queued_finetune(finetune_r
     wrong = runner.invoke(cli, ["adopt", str(not_a_model), "--volume", "1"], env=environ)
     assert wrong.exit_code == 1 and "not an xvr-node checkpoint" in wrong.output
     assert "Traceback" not in missing.output + wrong.output
+
+
+def test_a_worker_outlives_a_catalog_outage(tmp_path, hold_catalog):
+    """The engine stops when the catalog goes away; the worker starts it again after."""
+    from xvr_node.catalog.embedded import EmbeddedCluster
+
+    settings = settings_for(
+        tmp_path, scheduler__poll_interval_s="0.2", worker__heartbeat_seconds="0.5"
+    )
+    engine = make_engine(hold_catalog(settings))
+    sessions = session_factory(engine)
+    ran = threading.Event()
+    worker = Worker(settings, sessions, {"noop": lambda c: ran.set()}, device="cpu")
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    time.sleep(1.0)
+    cluster = EmbeddedCluster(settings.storage_root)
+    cluster._stop()  # the catalog's server goes down under the running worker
+    time.sleep(2.0)
+    cluster._start()
+    engine.dispose()  # the test's own connections died with the server
+    with sessions() as session:
+        queue.enqueue(session, JobKind.NOOP, {})
+        session.commit()
+    assert ran.wait(60), "the worker did not come back after the outage"
+    assert thread.is_alive()
+    worker.stopping.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    engine.dispose()

@@ -149,7 +149,14 @@ class Worker:
             "worker started",
             extra={"event": "worker_started", "worker": self.worker_id, "device": self.device},
         )
-        asyncio.run(self._serve(wait=True))
+        # The engine stops when it loses the catalog; the worker waits and starts it again.
+        while not self.stopping.is_set():
+            try:
+                asyncio.run(self._serve(wait=True))
+            except Exception:  # the catalog was unreachable: wait and try again
+                LOG.exception("worker loop error", extra={"event": "worker_error"})
+            if not self.stopping.is_set():
+                self.stopping.wait(self.settings.scheduler.poll_interval_s)
         LOG.info("worker stopped", extra={"event": "worker_stopped", "worker": self.worker_id})
 
     def drain(self) -> list[int]:
