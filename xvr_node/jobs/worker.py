@@ -34,6 +34,9 @@ __all__ = ["JobContext", "JobYielded", "PermanentJobError", "Worker", "start_wor
 
 LOG = logging.getLogger(__name__)
 
+#: Ledger statuses an engine job may still run (RUNNING: its worker went silent before).
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+
 
 class JobYielded(Exception):
     """Raised by a handler that stops early to be resumed later (preempted, or shutdown)."""
@@ -277,15 +280,8 @@ class Worker:
         engine_job_id = engine_context.job.id
         with self.sessions() as session:
             job = session.get(Job, job_id, populate_existing=True)
-            if (
-                job is None
-                or job.engine_job_id != engine_job_id
-                or job.status
-                not in (
-                    JobStatus.QUEUED,
-                    JobStatus.RUNNING,
-                )
-            ):
+            current = job is not None and job.engine_job_id == engine_job_id
+            if not current or job.status not in UNFINISHED:
                 LOG.info(
                     "engine job %s is no longer current for job %s; nothing to do",
                     engine_job_id,
