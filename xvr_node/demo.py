@@ -289,7 +289,7 @@ def _pipeline(
         last = -1
 
         def finished() -> bool:
-            """All frames registered and no register or export work left; says progress."""
+            """All frames registered, no register or export work left, every result tried."""
             nonlocal last
             registered = session.scalar(select(func.count(Registration.id))) or 0
             if registered != last:
@@ -301,7 +301,13 @@ def _pipeline(
                     Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
                 )
             )
-            return registered >= expected and busy == 0
+            # Results not yet tried (a PACS that refused them is retried later: not waited for).
+            unsent = session.scalar(
+                select(func.count(Export.id)).where(
+                    Export.status.in_([ExportStatus.PENDING, ExportStatus.SENDING])
+                )
+            )
+            return registered >= expected and busy == 0 and unsent == 0
 
         _wait(session, deadline, "the registrations", finished, poll_s=1.0)
         exports = session.execute(select(Export.status, func.count()).group_by(Export.status)).all()

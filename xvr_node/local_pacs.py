@@ -86,6 +86,8 @@ class OrthancServer:
             "DicomPort": self.dicom_port,
             "DicomCheckCalledAet": True,
             "DicomAlwaysAllowStore": True,
+            # The node asks by C-FIND whether objects of an interrupted send arrived.
+            "DicomAlwaysAllowFind": True,
             "DicomModalities": {},
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,

@@ -8,6 +8,7 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -24,7 +25,7 @@ from xvr_node.dicom.receive import CarmFallback, Receiver
 from xvr_node.dicom.scp import build_ae, handlers, tls_context
 from xvr_node.dicom.storage import FileStore
 from xvr_node.jobs.assemble import queue_stable_series
-from xvr_node.jobs.export import deliver_configured
+from xvr_node.jobs.export import queue_due_deliveries
 from xvr_node.jobs.queue import enqueue
 from xvr_node.jobs.triggers import queue_missing_finetunes, queue_register
 from xvr_node.monitor import MonitorServer
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
     from xvr_node.jobs.pipeline import Pipeline
 
 LOG = logging.getLogger(__name__)
-
-DELIVERY_COUNTS = ("due", "sent", "retrying", "parked")
 
 
 def make_receiver(settings: Settings) -> tuple[Receiver, FileStore]:
@@ -137,11 +136,13 @@ class Node:
             seconds=settings.scheduler.poll_interval_s,
             id="stable-series",
         )
+        # At once (by the scheduler's own clock): a restart resumes the outbox.
         self.scheduler.add_job(
-            self.deliver_due_results,
+            self.queue_deliveries,
             "interval",
             seconds=settings.scheduler.poll_interval_s,
-            id="deliver-due",
+            id="queue-deliveries",
+            next_run_time=datetime.now(UTC),
         )
         window = settings.scheduler.overnight_window
         self.scheduler.add_job(
@@ -253,17 +254,11 @@ class Node:
                 session, self.clock(), self.settings.scheduler.stable_series_seconds
             )
 
-    def deliver_due_results(self) -> None:
-        """Retry results a PACS did not take yet (the outbox backs off per row)."""
-        if not self.settings.destinations:
-            return
+    def queue_deliveries(self) -> None:
+        """Every destination with results to deliver has its ``deliver`` job queued (after a
+        restart, after a deliverer died); the workers send, backing off per row."""
         with self.receiver.sessions() as session:
-            summary = deliver_configured(session, self.store, self.settings, self.clock())
-        if summary["due"]:
-            LOG.info(
-                "delivered due results",
-                extra={"event": "deliver_due", **{k: summary[k] for k in DELIVERY_COUNTS}},
-            )
+            queue_due_deliveries(session, self.clock())
 
     def queue_retention(self) -> None:
         """Once a day (03:00 local): purge originals past the retention period."""

@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from scipy import ndimage
 
 from tests.support.tools import dciodvfy_errors, require_tool
@@ -328,6 +329,32 @@ def test_objects_belong_to_the_xray_study_in_new_series(built):
         series.add(ds.SeriesInstanceUID)
     assert len(series) == 3
     assert built["sro"].BodyPartExamined == built["sc"].BodyPartExamined == "CHEST"
+
+
+def test_rebuilding_in_a_given_series_gives_the_same_instance_uids(built, ct):
+    """An export that runs again after a crash must not make a second result in the PACS."""
+    xray, result = built["xray"], built["result"]
+    rgb = np.zeros((xray.Rows, xray.Columns, 3), dtype=np.uint8)
+    builders = {
+        "sro": lambda series, n: build_spatial_registration(
+            xray, ct, result, series_instance_uid=series, instance_number=n
+        ),
+        "sr": lambda series, n: build_measurement_report(
+            xray, None, result, series_instance_uid=series, instance_number=n
+        ),
+        "sc": lambda series, n: build_overlay(
+            xray, rgb, result, series_instance_uid=series, instance_number=n
+        ),
+    }
+    for name, build in builders.items():
+        series = generate_uid()
+        first, again, second = build(series, 1), build(series, 1), build(series, 2)
+        assert first.SeriesInstanceUID == again.SeriesInstanceUID == series, name
+        assert first.SOPInstanceUID == again.SOPInstanceUID, name
+        assert first.file_meta.MediaStorageSOPInstanceUID == first.SOPInstanceUID, name
+        assert second.SOPInstanceUID != first.SOPInstanceUID, name
+        # Without a series, every object is new (the builders' default).
+        assert build(None, 1).SOPInstanceUID != build(None, 1).SOPInstanceUID, name
 
 
 # --- (2) the SRO: structure and our own checks -------------------------------------------

@@ -99,6 +99,12 @@ def exported(tmp_path, phantom_dir, request, hold_catalog):
                     worker=SimpleNamespace(clock=lambda: NIGHT, device="cpu"),
                 )
                 summaries[record["file"]] = pipeline.export(context)
+            # The export job queued one delivery for the PACS; a worker of that queue sends.
+            deliverer = Worker(
+                settings, receiver.sessions, {}, clock=lambda: NIGHT, device="cpu", kinds=["export"]
+            )
+            assert deliverer.drain() == []  # deliveries have no ledger row
+            session.expire_all()
             exports = session.scalars(select(Export).order_by(Export.id)).all()
             first = {}
             for row in session.scalars(select(Registration).order_by(Registration.id)):

@@ -206,6 +206,40 @@ def test_a_job_of_a_silent_worker_runs_again_and_its_old_run_is_a_no_op(settings
         assert session.get(Job, job_id).status == JobStatus.SUCCEEDED
 
 
+def test_a_silent_deliverer_is_closed_and_its_destination_queued_again(settings, sessions):
+    with sessions() as session:
+        engine.ensure_delivery(session, "pacs")
+        engine.ensure_delivery(session, "pacs")  # one waiting delivery per destination
+        worker_row = session.execute(
+            text(
+                "INSERT INTO procrastinate_workers (last_heartbeat) "
+                "VALUES (now() - interval '1 hour') RETURNING id"
+            )
+        ).scalar_one()
+        session.execute(
+            text("UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w"),
+            {"w": worker_row},
+        )
+        session.commit()
+    alive = worker(settings, sessions, {})
+
+    async def recover():
+        app = engine.make_app(alive._url())
+        async with app.open_async():
+            return await alive.recover_stalled(app)
+
+    assert asyncio.run(recover()) == []  # no ledger job: the outbox rows are the ledger
+    with sessions() as session:
+        rows = session.execute(
+            text(
+                "SELECT status::text, args->>'destination' FROM procrastinate_jobs"
+                " WHERE task_name = :task ORDER BY id"
+            ),
+            {"task": engine.DELIVER_TASK},
+        ).all()
+    assert [tuple(row) for row in rows] == [("failed", "pacs"), ("todo", "pacs")]
+
+
 def test_waiting_above_sees_only_more_urgent_due_work(sessions):
     with sessions() as session:
         finetune = queue.PRIORITY[JobKind.FINETUNE]

@@ -153,6 +153,8 @@ class ExportKind(StrEnum):
 
 class ExportStatus(StrEnum):
     PENDING = "pending"
+    # Handed to an association and not answered yet: after a crash, asked about by C-FIND.
+    SENDING = "sending"
     SENT = "sent"
     RETRYING = "retrying"
     PARKED = "parked"

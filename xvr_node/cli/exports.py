@@ -9,6 +9,9 @@ import click
 
 from xvr_node.cli.root import CliState, cli, open_catalog
 
+#: What ``export deliver`` reports, per destination and in total.
+COUNTS = ("due", "confirmed", "sent", "retrying", "parked")
+
 
 @cli.group("export")
 def export_group() -> None:
@@ -18,7 +21,7 @@ def export_group() -> None:
 @export_group.command("list")
 @click.option(
     "--status",
-    type=click.Choice(["pending", "sent", "retrying", "parked"]),
+    type=click.Choice(["pending", "sending", "sent", "retrying", "parked"]),
     default=None,
     help="Only rows with this status.",
 )
@@ -81,19 +84,24 @@ def _report_requeued(command: str, ids: tuple[int, ...], changed: list[int], why
 @export_group.command("deliver")
 @click.pass_obj
 def export_deliver(state: CliState) -> None:
-    """Send every due row to its destination now, once, and print what happened."""
+    """Send every due row to its destination now, once, and print what happened.
+
+    Safe while the node runs: a destination its workers are sending to is skipped (busy).
+    """
     from xvr_node.catalog.models import utcnow
     from xvr_node.dicom.storage import FileStore
-    from xvr_node.jobs.export import deliver_configured
+    from xvr_node.jobs.export import deliver_all
     from xvr_node.log import configure_logging
 
     with open_catalog(state) as (settings, session):
         configure_logging(settings.logging)
         store = FileStore(settings.storage_root, settings.storage.min_free_bytes)
-        summary = deliver_configured(session, store, settings, utcnow())
-    click.echo(
-        f"due {summary['due']}: sent {summary['sent']}, retrying {summary['retrying']}, "
-        f"parked {summary['parked']}"
-    )
-    for name, counts in summary["destinations"].items():
-        click.echo(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        summaries = deliver_all(session, store, settings, utcnow())
+    totals = {key: sum(s[key] for s in summaries) for key in COUNTS}
+    click.echo(", ".join(f"{key} {value}" for key, value in totals.items()))
+    for summary in summaries:
+        if summary["busy"]:
+            click.echo(f"  {summary['destination']}: busy (a worker is sending to it now)")
+        else:
+            counts = ", ".join(f"{key} {summary[key]}" for key in COUNTS)
+            click.echo(f"  {summary['destination']}: {counts}")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.datadict import add_private_dict_entries
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from xvr_node import clock
 from xvr_node.geometry import Intrinsics, check_rigid
@@ -218,6 +219,21 @@ def format_ds(value: float) -> str:
         if len(text) <= 16:
             return text
     raise ValueError(f"{value} does not fit a 16-character DS")  # pragma: no cover
+
+
+def series_and_instance_uids(
+    series_instance_uid: str | None, instance_number: int
+) -> tuple[str, str]:
+    """(Series, SOP Instance UID) of a new result object.
+
+    Given a series UID, the instance UID follows from it and the Instance Number: an export
+    that runs again after a crash rebuilds the very objects a PACS may already hold, and the
+    PACS sees the same object again, not a second result. Without one, both are new.
+    """
+    if series_instance_uid is None:
+        return generate_uid(), generate_uid()
+    entropy = [series_instance_uid, "instance", str(instance_number)]
+    return series_instance_uid, generate_uid(entropy_srcs=entropy)
 
 
 def now_date_time() -> tuple[str, str]:

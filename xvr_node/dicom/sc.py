@@ -9,7 +9,7 @@ from highdicom.sc import SCImage
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from xvr_node.dicom.results import (
     MANUFACTURER,
@@ -19,6 +19,7 @@ from xvr_node.dicom.results import (
     check_run,
     check_xray,
     copy_patient_extras,
+    series_and_instance_uids,
     set_body_part_or_laterality,
 )
 from xvr_node.geometry import patient_orientation
@@ -232,15 +233,16 @@ def build_overlay(
         raise ValueError(f"Instance Number (0020,0013) must be positive, got {instance_number}")
 
     orientation = _patient_orientation(xray, result)
+    series_uid, sop_uid = series_and_instance_uids(series_instance_uid, instance_number)
     sc = SCImage.from_ref_dataset(
         ref_dataset=xray,
         pixel_array=np.ascontiguousarray(rgb),
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=series_instance_uid or generate_uid(),
+        series_instance_uid=series_uid,
         series_number=series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=sop_uid,
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         # highdicom accepts one letter per axis; the full value is set below.

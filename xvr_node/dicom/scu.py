@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from xvr_node.config import Destination, TlsSettings
 
@@ -47,6 +49,19 @@ class SendOutcome:
     transient: bool
     status: int | None
     reason: str
+
+
+#: Told each outcome as soon as the destination answered (``paths`` index, outcome).
+OutcomeListener = Callable[[int, SendOutcome], None]
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What a C-FIND at IMAGE level needs to ask a destination for one object."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
 
 
 @dataclass(frozen=True)
@@ -87,13 +102,17 @@ def send_datasets(
     calling_ae: str,
     timeout_s: float,
     tls_context: ssl.SSLContext | None = None,
+    on_outcome: OutcomeListener | None = None,
 ) -> list[SendOutcome]:
     """C-STORE ``paths`` to ``destination`` in one association; one outcome per path, in order.
 
     Presentation contexts are proposed for exactly the SOP classes and transfer syntaxes the
     files hold, so a destination that cannot take one kind of object refuses only that kind.
     ``tls_context`` is used when ``destination.tls`` is set (default: the system's CAs).
+    ``on_outcome`` hears each answer as it comes, so the caller can record it at once: a
+    sender killed mid-association then leaves at most one object it cannot vouch for.
     """
+    tell = on_outcome or (lambda _index, _outcome: None)
     outcomes: dict[int, SendOutcome] = {}
     files: dict[int, _File] = {}
     for index, path in enumerate(paths):
@@ -103,6 +122,7 @@ def send_datasets(
             outcomes[index] = SendOutcome(
                 Path(path), None, False, False, None, f"cannot read {path}: {error}"
             )
+            tell(index, outcomes[index])
     contexts = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in files.values()})
     if len(contexts) > MAX_CONTEXTS:
         raise ValueError(
@@ -110,7 +130,9 @@ def send_datasets(
             "presentation contexts of one association; send fewer files per call"
         )
     if files:
-        outcomes.update(_send(destination, files, contexts, calling_ae, timeout_s, tls_context))
+        outcomes.update(
+            _send(destination, files, contexts, calling_ae, timeout_s, tls_context, tell)
+        )
     return [outcomes[index] for index in range(len(paths))]
 
 
@@ -141,19 +163,114 @@ def _send(
     calling_ae: str,
     timeout_s: float,
     tls_context: ssl.SSLContext | None,
+    tell: OutcomeListener,
 ) -> dict[int, SendOutcome]:
-    ae = AE(ae_title=calling_ae)
+    ae = _client_ae(calling_ae, timeout_s)
     for sop_class, transfer_syntax in contexts:
         ae.add_requested_context(sop_class, [transfer_syntax])
+    assoc, failure = _associate(ae, destination, tls_context)
+    if failure is not None:
+        transient, reason = failure
+        LOG.warning("export to %s failed: %s", _where(destination), reason)
+        outcomes = {
+            index: SendOutcome(f.path, f.sop_instance_uid, False, transient, None, reason)
+            for index, f in files.items()
+        }
+        for index, outcome in outcomes.items():
+            tell(index, outcome)
+        return outcomes
+
+    where = _where(destination)
+    outcomes = {}
+    try:
+        for index, file in files.items():
+            if not assoc.is_established:
+                outcomes[index] = SendOutcome(
+                    file.path,
+                    file.sop_instance_uid,
+                    False,
+                    True,
+                    None,
+                    f"association with {where} ended before this object was sent",
+                )
+            else:
+                outcomes[index] = _store_one(assoc, file, where)
+            tell(index, outcomes[index])
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes
+
+
+def find_stored(
+    destination: Destination,
+    objects: Sequence[StoredObject],
+    calling_ae: str,
+    timeout_s: float,
+    tls_context: ssl.SSLContext | None = None,
+) -> set[str] | None:
+    """The SOP Instance UIDs of ``objects`` that ``destination`` holds, by C-FIND (Study Root,
+    IMAGE level); None when it cannot tell (no C-FIND for us, unreachable, a failed query).
+
+    After a sender died mid-association this tells which objects arrived, so they are not
+    sent a second time.
+    """
+    ae = _client_ae(calling_ae, timeout_s)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc, failure = _associate(ae, destination, tls_context)
+    if failure is not None:
+        LOG.info("cannot ask %s what it holds: %s", _where(destination), failure[1])
+        return None
+    held: set[str] = set()
+    try:
+        for item in objects:
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID = item.study_instance_uid
+            query.SeriesInstanceUID = item.series_instance_uid
+            query.SOPInstanceUID = item.sop_instance_uid
+            for status, identifier in assoc.send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind
+            ):
+                code = int(status.Status) if "Status" in status else None
+                if code in (0xFF00, 0xFF01) and identifier is not None:
+                    held.add(str(identifier.get("SOPInstanceUID", "")))
+                elif code != 0x0000:
+                    LOG.info(
+                        "C-FIND at %s answered %s; cannot tell what it holds",
+                        _where(destination),
+                        "nothing" if code is None else f"0x{code:04X}",
+                    )
+                    return None
+    except (OSError, ValueError, RuntimeError) as error:
+        LOG.info("C-FIND at %s failed: %s", _where(destination), error)
+        return None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return held & {item.sop_instance_uid for item in objects}
+
+
+def _where(destination: Destination) -> str:
+    return f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+
+
+def _client_ae(calling_ae: str, timeout_s: float) -> AE:
+    ae = AE(ae_title=calling_ae)
     ae.connection_timeout = timeout_s
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
+    return ae
+
+
+def _associate(
+    ae: AE, destination: Destination, tls_context: ssl.SSLContext | None
+) -> tuple[Association, tuple[bool, str] | None]:
+    """An association with ``destination``, or why not: (transient, reason)."""
     tls_args = None
     if destination.tls:
         tls_args = (tls_context or ssl.create_default_context(), destination.host)
-    where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
-
     connected = threading.Event()
     connect_errors = _LogCollector("TCP Initialisation Error")
     transport_log = logging.getLogger(_TRANSPORT_LOGGER)
@@ -169,35 +286,10 @@ def _send(
             )
         finally:
             transport_log.removeHandler(connect_errors)
-
-    if not assoc.is_established:
-        transient, reason = _association_failure(
-            assoc, where, connected.is_set(), connect_errors.messages
-        )
-        LOG.warning("export to %s failed: %s", where, reason)
-        return {
-            index: SendOutcome(f.path, f.sop_instance_uid, False, transient, None, reason)
-            for index, f in files.items()
-        }
-
-    outcomes: dict[int, SendOutcome] = {}
-    try:
-        for index, file in files.items():
-            if not assoc.is_established:
-                outcomes[index] = SendOutcome(
-                    file.path,
-                    file.sop_instance_uid,
-                    False,
-                    True,
-                    None,
-                    f"association with {where} ended before this object was sent",
-                )
-                continue
-            outcomes[index] = _store_one(assoc, file, where)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return outcomes
+    if assoc.is_established:
+        return assoc, None
+    where = _where(destination)
+    return assoc, _association_failure(assoc, where, connected.is_set(), connect_errors.messages)
 
 
 def _store_one(assoc: Association, file: _File, where: str) -> SendOutcome:

@@ -33,6 +33,7 @@ from xvr_node.dicom.results import (
     check_run,
     check_xray,
     copy_patient_extras,
+    series_and_instance_uids,
 )
 from xvr_node.dicom.sro import SPATIAL_REGISTRATION_SOP_CLASS
 
@@ -276,12 +277,13 @@ def _build(
         procedure_reported=PROCEDURE,
         imaging_measurements=groups,
     )
+    series_uid, sop_uid = series_and_instance_uids(series_instance_uid, instance_number)
     sr = ComprehensiveSR(
         evidence=[_with_patient_study_type2(xray)] + ([] if sro is None else [sro]),
         content=report,
-        series_instance_uid=series_instance_uid or generate_uid(),
+        series_instance_uid=series_uid,
         series_number=series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=sop_uid,
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         is_complete=True,

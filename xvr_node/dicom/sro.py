@@ -9,7 +9,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from xvr_node.dicom.results import (
     CONVENTIONS_TEXT,
@@ -39,6 +39,7 @@ from xvr_node.dicom.results import (
     copy_patient_extras,
     format_ds,
     now_date_time,
+    series_and_instance_uids,
     set_body_part_or_laterality,
 )
 from xvr_node.geometry import Intrinsics
@@ -203,7 +204,7 @@ def _build(
     if instance_number < 1:
         raise ValueError(f"Instance Number (0020,0013) must be positive, got {instance_number}")
 
-    sop_instance_uid = generate_uid()
+    series_uid, sop_instance_uid = series_and_instance_uids(series_instance_uid, instance_number)
     ds = Dataset()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SPATIAL_REGISTRATION_SOP_CLASS
@@ -230,7 +231,7 @@ def _build(
 
     # General Series + Spatial Registration Series.
     ds.Modality = "REG"
-    ds.SeriesInstanceUID = series_instance_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
     ds.SeriesDate = date
     ds.SeriesTime = time

@@ -8,7 +8,13 @@ ended (kind, payload, dedupe key, reason, result); each ledger row points at the
 that runs it now (``engine_job_id``), so a stale engine job (a worker presumed dead that comes
 back) sees that it is no longer the current one and does nothing.
 
-Queue names are job kinds, so ``xvr-node worker --kinds`` listens to those queues only.
+The outbox is delivered by engine jobs too, one task per destination (``deliver``), with no
+ledger row: the ``exports`` rows are that ledger. A queueing lock keeps at most one waiting
+delivery per destination; a PostgreSQL advisory lock (:mod:`xvr_node.jobs.export`) keeps one
+running.
+
+Queue names are job kinds, so ``xvr-node worker --kinds`` listens to those queues only;
+deliveries run in the ``export`` queue.
 Times the engine compares (``scheduled_at``) are in the database's clock; the node's clock
 only decides the node's rules (the overnight window, training budgets).
 """
@@ -20,6 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import procrastinate
+from procrastinate.exceptions import AlreadyEnqueued
 from procrastinate.jobs import Job as EngineJob
 from procrastinate.retry import BaseRetryStrategy, RetryDecision
 from sqlalchemy import make_url, text
@@ -50,8 +57,17 @@ def backoff_seconds(failures: int) -> float:
     return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**exponent)
 
 
+#: The task that sends one destination's due outbox rows.
+DELIVER_TASK = "xvr_node.deliver"
+
+
 def task_name(kind: str) -> str:
     return f"xvr_node.{kind}"
+
+
+def delivery_key(destination: str) -> str:
+    """The queueing lock of a destination's deliveries (one waiting at a time)."""
+    return f"deliver:{destination}"
 
 
 class PermanentJobError(Exception):
@@ -100,6 +116,13 @@ def make_app(url: str | None = None, *, pool_size: int = 4) -> procrastinate.App
             pass_context=True,
             retry=NodeRetry(),
         )(worker.run_ledger_job)
+    # No retry strategy: a delivery reschedules itself, and the node's sweep backs it up.
+    app.task(
+        name=DELIVER_TASK,
+        queue=str(JobKind.EXPORT),
+        priority=PRIORITY[JobKind.EXPORT],
+        pass_context=True,
+    )(worker.run_delivery)
     return app
 
 
@@ -135,6 +158,42 @@ def defer(
         connection=driver_connection(session),
     )
     return deferrer.defer(job_id=job_id)
+
+
+def ensure_delivery(session: Session, destination: str, delay_s: float | None = None) -> None:
+    """After the caller commits, a delivery to ``destination`` is due within ``delay_s``.
+
+    A waiting delivery that is due soon enough stays; one due later is replaced (a new
+    result does not wait out a back-off meant for older rows). Two callers racing for the
+    one waiting slot both succeed: the loser's savepoint rolls back and the winner's job
+    does the work.
+    """
+    due_at = None if delay_s is None or delay_s <= 0 else engine_time_after(session, delay_s)
+    key = delivery_key(destination)
+    waiting = session.execute(
+        text(
+            "SELECT id, scheduled_at IS NULL OR scheduled_at <= COALESCE(:due_at, now())"
+            " FROM procrastinate_jobs WHERE queueing_lock = :key AND status = 'todo'"
+        ),
+        {"key": key, "due_at": due_at},
+    ).first()
+    if waiting is not None:
+        if waiting[1]:
+            return
+        cancel(session, waiting[0])
+    deferrer = _deferrer().configure_task(
+        DELIVER_TASK,
+        schedule_at=due_at,
+        queueing_lock=key,
+        connection=driver_connection(session),
+    )
+    savepoint = session.begin_nested()
+    try:
+        deferrer.defer(destination=destination)
+    except AlreadyEnqueued:
+        savepoint.rollback()
+    else:
+        savepoint.commit()
 
 
 def engine_time_after(session: Session, seconds: float) -> datetime:

@@ -1,33 +1,48 @@
-"""The durable outbox: store result objects, then deliver them to each PACS until it has them."""
+"""The durable outbox: store result objects, then deliver them to each PACS until it has them.
+
+Rows are the outbox's ledger (status, attempts, last error); engine jobs do the sending,
+one ``deliver`` task per destination (:func:`xvr_node.jobs.engine.ensure_delivery`).
+"""
 
 from __future__ import annotations
 
 import io
 import logging
-import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import PurePosixPath
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import or_, select, update
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
 
 from xvr_node.catalog.models import Export, ExportKind, ExportStatus, utcnow
 from xvr_node.config import Destination, Settings
 from xvr_node.dicom import scu
 from xvr_node.dicom.storage import FileStore, is_valid_uid
+from xvr_node.jobs import engine
 from xvr_node.jobs.engine import backoff_seconds
 
 LOG = logging.getLogger(__name__)
 
-#: Rows a deliverer picks up: never ``sent`` (no duplicates) nor ``parked`` (needs a person).
+#: Rows a delivery sends: never ``sent`` (no duplicates) nor ``parked`` (needs a person).
 DUE_STATUSES = (ExportStatus.PENDING, ExportStatus.RETRYING)
+#: Rows still to deliver: a destination with any has a delivery queued or running.
+UNDELIVERED = (ExportStatus.PENDING, ExportStatus.SENDING, ExportStatus.RETRYING)
 
-#: Files sent per association; keeps each claim (and each lost association) small.
+#: Rows ``export retry`` sends back to the queue (not ``sent``: that is ``resend``; not
+#: ``sending``: a deliverer is on it, or the next one asks the destination first).
+RETRYABLE = (ExportStatus.PENDING, ExportStatus.RETRYING, ExportStatus.PARKED)
+
+#: Files sent per association; keeps each lost association small.
 BATCH_SIZE = 64
+
+#: A delivery that finds another one sending to its destination looks again this much later.
+BUSY_RETRY_S = 2.0
 
 Backoff = Callable[[int], timedelta]
 
@@ -72,6 +87,7 @@ def store_result_objects(
     Files first, rows second: after the commit both are on disk, so a restart loses nothing,
     and a crash before it leaves only files that the next call overwrites. An object already
     queued for a destination (same SOP Instance UID) keeps its row, whatever its status.
+    Each destination's delivery is queued in the same transaction.
     """
     now = now or utcnow()
     kinds = {str(kind) for kind in ExportKind}
@@ -105,145 +121,252 @@ def store_result_objects(
                 )
                 session.add(row)
             rows.append(row)
+    session.flush()
+    for name in sorted({row.destination for row in rows if row.status in DUE_STATUSES}):
+        engine.ensure_delivery(session, name)
     session.commit()
     return rows
 
 
-def deliver_due(
+def deliver(
     session: Session,
     store: FileStore,
-    destinations: Sequence[Destination],
+    settings: Settings,
+    name: str,
     now: datetime,
-    calling_ae: str,
     backoff: Backoff = exponential_backoff,
-    *,
-    timeout_s: float = 30.0,
-    tls_context: ssl.SSLContext | None = None,
 ) -> dict[str, Any]:
-    """Send every due row (pending or retrying, ``next_attempt_at <= now``) once; commit.
+    """Send destination ``name``'s due rows, then queue its next delivery; commit.
 
-    Delivered rows become ``sent`` and are never selected again. A transient failure (PACS
-    down, busy, timed out) is retried after ``backoff(attempts)``; a permanent one (refused
-    AE title, SOP class not supported, object rejected) is ``parked`` until a person acts.
+    One deliverer per destination at a time (a PostgreSQL advisory lock, which the server
+    drops with a deliverer's connection when its process dies). Rows left ``sending`` by a
+    deliverer that died are first looked up at the destination by C-FIND, so an object that
+    arrived is not sent twice. Each answer is committed as it comes: delivered rows become
+    ``sent`` and are never selected again; a transient failure (PACS down, busy, timed out)
+    is retried after ``backoff(attempts)``; a permanent one (refused AE title, SOP class not
+    supported, object rejected) is ``parked`` until a person acts.
     """
-    due = session.scalars(
-        select(Export)
-        .where(Export.status.in_(DUE_STATUSES), Export.next_attempt_at <= now)
-        .order_by(Export.id)
-    ).all()
-    configured = {destination.name: destination for destination in destinations}
-    summary: dict[str, Any] = {"due": len(due), "sent": 0, "retrying": 0, "parked": 0}
-    summary["destinations"] = {}
-    groups: dict[str, list[int]] = {}
-    for row in due:
-        groups.setdefault(row.destination, []).append(row.id)
-    for name, ids in groups.items():
-        counts = {"sent": 0, "retrying": 0, "parked": 0}
-        destination = configured.get(name)
-        for start in range(0, len(ids), BATCH_SIZE):
-            batch = ids[start : start + BATCH_SIZE]
-            if destination is None:
-                _park_unconfigured(session, batch, name, now, counts)
-            else:
-                _deliver_batch(
-                    session,
-                    store,
-                    destination,
-                    batch,
-                    now,
-                    calling_ae,
-                    backoff,
-                    timeout_s,
-                    tls_context,
-                    counts,
-                )
+    summary: dict[str, Any] = {"destination": name, "busy": False, "confirmed": 0, "due": 0}
+    summary |= {"sent": 0, "retrying": 0, "parked": 0}
+    with destination_lock(session, name) as held:
+        if not held:  # another deliverer is on it; look again shortly
+            summary["busy"] = True
+            engine.ensure_delivery(session, name, BUSY_RETRY_S)
             session.commit()
-        summary["destinations"][name] = counts
-        for key, value in counts.items():
-            summary[key] += value
+            return summary
+        destination = {d.name: d for d in settings.destinations}.get(name)
+        if destination is None:
+            _park_unconfigured(session, name, now, summary)
+        else:
+            sender = _Sender(session, store, destination, settings, now, backoff, summary)
+            sender.confirm_interrupted()
+            tried: set[int] = set()
+            while batch := _due_batch(session, name, now, tried):
+                tried.update(row.id for row in batch)
+                summary["due"] += len(batch)
+                sender.send(batch)
+        _queue_next(session, name, now)
+        session.commit()
     return summary
 
 
-def deliver_configured(
+def deliver_all(
     session: Session, store: FileStore, settings: Settings, now: datetime
-) -> dict[str, Any]:
-    """:func:`deliver_due` to the configured destinations, as the node's AE, with its TLS."""
-    tls = None
-    if any(destination.tls for destination in settings.destinations):
-        tls = scu.client_tls_context(settings.node.tls)
-    return deliver_due(
-        session,
-        store,
-        settings.destinations,
-        now,
-        settings.node.ae_title,
-        timeout_s=settings.node.dimse_timeout_s,
-        tls_context=tls,
+) -> list[dict[str, Any]]:
+    """:func:`deliver` to every destination that has rows to deliver (``export deliver``)."""
+    names = session.scalars(
+        select(Export.destination).where(Export.status.in_(UNDELIVERED)).distinct()
+    ).all()
+    return [deliver(session, store, settings, name, now) for name in sorted(names)]
+
+
+def queue_due_deliveries(session: Session, now: datetime) -> int:
+    """Make sure every destination with rows to deliver has a delivery queued; commit.
+
+    The node runs this every ``scheduler.poll_interval_s``: it starts the outbox after a
+    restart and after a deliverer died. Rows left ``sending`` count as due unless their
+    deliverer is alive (it holds the destination's lock). Returns the destinations seen.
+    """
+    pending = session.execute(
+        select(Export.destination, func.min(Export.next_attempt_at))
+        .where(Export.status.in_(DUE_STATUSES))
+        .group_by(Export.destination)
+    ).all()
+    due: dict[str, float] = {name: (when - now).total_seconds() for name, when in pending}
+    interrupted = session.scalars(
+        select(Export.destination).where(Export.status == ExportStatus.SENDING).distinct()
+    ).all()
+    for name in interrupted:
+        if _lock_is_free(session, name):
+            due[name] = 0.0
+    for name, delay_s in sorted(due.items()):
+        engine.ensure_delivery(session, name, delay_s)
+    session.commit()
+    return len(due)
+
+
+@contextmanager
+def destination_lock(session: Session, name: str) -> Iterator[bool]:
+    """Hold the destination's advisory lock on a connection of its own; yields whether held."""
+    with session.get_bind().connect() as connection:
+        key = {"key": _lock_name(name)}
+        held = connection.execute(
+            text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"), key
+        ).scalar_one()
+        connection.commit()
+        try:
+            yield bool(held)
+        finally:
+            if held:
+                connection.execute(
+                    text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), key
+                )
+                connection.commit()
+
+
+def _lock_is_free(session: Session, name: str) -> bool:
+    """Is no deliverer sending to ``name``? (Asked inside the caller's transaction.)"""
+    return bool(
+        session.execute(
+            text("SELECT pg_try_advisory_xact_lock(hashtextextended(:key, 0))"),
+            {"key": _lock_name(name)},
+        ).scalar_one()
     )
 
 
-def _claim(session: Session, ids: list[int], now: datetime, until: datetime) -> list[Export]:
-    """Take the rows still due out of other deliverers' reach while we send (not committed)."""
-    claimed = session.scalars(
-        update(Export)
+def _lock_name(name: str) -> str:
+    return f"xvr_node.deliver:{name}"
+
+
+def _due_batch(session: Session, name: str, now: datetime, tried: set[int]) -> list[Export]:
+    query = (
+        select(Export)
         .where(
-            Export.id.in_(ids),
+            Export.destination == name,
             Export.status.in_(DUE_STATUSES),
             Export.next_attempt_at <= now,
         )
-        .values(next_attempt_at=until)
-        .returning(Export),
-        execution_options={"synchronize_session": "fetch"},
-    ).all()
-    return sorted(claimed, key=lambda row: row.id)
+        .order_by(Export.id)
+        .limit(BATCH_SIZE)
+    )
+    if tried:
+        query = query.where(Export.id.not_in(tried))
+    return list(session.scalars(query.execution_options(populate_existing=True)).all())
 
 
-def _deliver_batch(
-    session: Session,
-    store: FileStore,
-    destination: Destination,
-    ids: list[int],
-    now: datetime,
-    calling_ae: str,
-    backoff: Backoff,
-    timeout_s: float,
-    tls_context: ssl.SSLContext | None,
-    counts: dict[str, int],
-) -> None:
-    # A deliverer that dies mid-send leaves its rows to be picked up once the claim lapses:
-    # at-least-once delivery, but never two deliverers sending the same row at once.
-    lease = timedelta(seconds=timeout_s * (len(ids) + 3) + 60)
-    rows = _claim(session, ids, now, now + lease)
-    paths = [store.absolute(row.path) for row in rows]
-    # Commit the claim before the network: no transaction stays open while we send.
-    session.commit()
-    if not rows:
-        return
-    try:
-        outcomes = scu.send_datasets(destination, paths, calling_ae, timeout_s, tls_context)
-    except Exception as error:  # whatever went wrong, the rows must not stay claimed
-        LOG.exception("export to %s failed unexpectedly", destination.name)
-        outcomes = [
-            scu.SendOutcome(path, row.sop_instance_uid, False, True, None, f"send failed: {error}")
-            for path, row in zip(paths, rows, strict=True)
-        ]
-    for row, outcome in zip(rows, outcomes, strict=True):
-        row.attempts += 1
+def _queue_next(session: Session, name: str, now: datetime) -> None:
+    """The destination's next delivery, when its earliest waiting row is due."""
+    earliest = session.scalar(
+        select(func.min(Export.next_attempt_at)).where(
+            Export.destination == name, Export.status.in_(DUE_STATUSES)
+        )
+    )
+    if earliest is not None:
+        engine.ensure_delivery(session, name, (earliest - now).total_seconds())
+
+
+class _Sender:
+    """Sends batches of one destination's rows and records each answer as it comes."""
+
+    def __init__(
+        self,
+        session: Session,
+        store: FileStore,
+        destination: Destination,
+        settings: Settings,
+        now: datetime,
+        backoff: Backoff,
+        summary: dict[str, Any],
+    ) -> None:
+        self.session, self.store, self.destination = session, store, destination
+        self.calling_ae = settings.node.ae_title
+        self.timeout_s = settings.node.dimse_timeout_s
+        self.tls = scu.client_tls_context(settings.node.tls) if destination.tls else None
+        self.now, self.backoff, self.summary = now, backoff, summary
+
+    def confirm_interrupted(self) -> None:
+        """Rows a dead deliverer left ``sending``: ``sent`` if the destination has them."""
+        rows = self.session.scalars(
+            select(Export)
+            .where(
+                Export.destination == self.destination.name, Export.status == ExportStatus.SENDING
+            )
+            .order_by(Export.id)
+        ).all()
+        if not rows:
+            return
+        objects = {row.id: _stored_object(self.store, row) for row in rows}
+        known = [item for item in objects.values() if item is not None]
+        held = scu.find_stored(self.destination, known, self.calling_ae, self.timeout_s, self.tls)
+        for row in rows:
+            if held is not None and row.sop_instance_uid in held:
+                row.status, row.sent_at = ExportStatus.SENT, self.now
+                row.last_error = "confirmed at the destination by C-FIND after an interrupted send"
+                self.summary["confirmed"] += 1
+            else:
+                row.status, row.next_attempt_at = ExportStatus.PENDING, self.now
+                row.last_error = "interrupted during a send; " + (
+                    "not at the destination"
+                    if held is not None
+                    else "the destination "
+                    "could not say whether it has it (no C-FIND): it may get a second copy"
+                )
+        self.session.commit()
+        LOG.warning(
+            "interrupted send to %s: %d of %d object(s) had arrived",
+            self.destination.name,
+            self.summary["confirmed"],
+            len(rows),
+            extra={
+                "event": "export_interrupted",
+                "destination": self.destination.name,
+                "confirmed": self.summary["confirmed"],
+                "rows": len(rows),
+                "queried": held is not None,
+            },
+        )
+
+    def send(self, rows: list[Export]) -> None:
+        """One association for ``rows``: each is ``sending`` (committed) until answered."""
+        paths = [self.store.absolute(row.path) for row in rows]
+        for row in rows:
+            row.status = ExportStatus.SENDING
+            row.attempts += 1
+        self.session.commit()
+        try:
+            scu.send_datasets(
+                self.destination,
+                paths,
+                self.calling_ae,
+                self.timeout_s,
+                self.tls,
+                on_outcome=lambda index, outcome: self.record(rows[index], outcome),
+            )
+        except Exception as error:  # whatever went wrong, no row may stay ``sending``
+            self.session.rollback()
+            LOG.exception("export to %s failed unexpectedly", self.destination.name)
+            for row, path in zip(rows, paths, strict=True):
+                self.session.refresh(row)
+                if row.status == ExportStatus.SENDING:
+                    failure = scu.SendOutcome(
+                        path, row.sop_instance_uid, False, True, None, f"send failed: {error}"
+                    )
+                    self.record(row, failure)
+
+    def record(self, row: Export, outcome: scu.SendOutcome) -> None:
+        """Commit what became of ``row`` the moment the destination answered."""
         if outcome.delivered:
-            row.status = ExportStatus.SENT
-            row.sent_at = now
+            row.status, row.sent_at = ExportStatus.SENT, self.now
             row.last_error = None if outcome.status == 0x0000 else outcome.reason
-            counts["sent"] += 1
         elif outcome.transient:
             row.status = ExportStatus.RETRYING
-            row.next_attempt_at = now + backoff(row.attempts)
+            row.next_attempt_at = self.now + self.backoff(row.attempts)
             row.last_error = outcome.reason
-            counts["retrying"] += 1
         else:
-            row.status = ExportStatus.PARKED
-            row.next_attempt_at = now
+            row.status, row.next_attempt_at = ExportStatus.PARKED, self.now
             row.last_error = outcome.reason
-            counts["parked"] += 1
+        self.session.commit()
+        self.summary[str(row.status)] += 1
         LOG.log(
             logging.INFO if row.status == ExportStatus.SENT else logging.WARNING,
             "export %s",
@@ -253,22 +376,45 @@ def _deliver_batch(
                 "export": row.id,
                 "kind": row.object_kind,
                 "sop": row.sop_instance_uid,
-                "destination": destination.name,
+                "destination": self.destination.name,
                 "attempt": row.attempts,
                 "reason": outcome.reason,
             },
         )
 
 
-def _park_unconfigured(
-    session: Session, ids: list[int], name: str, now: datetime, counts: dict[str, int]
-) -> None:
-    for row in session.scalars(select(Export).where(Export.id.in_(ids))):
+def _stored_object(store: FileStore, row: Export) -> scu.StoredObject | None:
+    """The UIDs a C-FIND needs, from the stored file's header; None if it cannot be read."""
+    try:
+        ds = pydicom.dcmread(
+            store.absolute(row.path),
+            stop_before_pixels=True,
+            specific_tags=["StudyInstanceUID", "SeriesInstanceUID"],
+        )
+        return scu.StoredObject(
+            str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), row.sop_instance_uid
+        )
+    except (OSError, InvalidDicomError, AttributeError) as error:
+        LOG.warning("cannot read export %s (%s): %s", row.id, row.path, error)
+        return None
+
+
+def _park_unconfigured(session: Session, name: str, now: datetime, summary: dict[str, Any]) -> None:
+    rows = session.scalars(
+        select(Export).where(Export.destination == name, Export.status.in_(UNDELIVERED))
+    ).all()
+    for row in rows:
         row.status = ExportStatus.PARKED
         row.last_error = f"destination {name} not configured"
         row.next_attempt_at = now
-        counts["parked"] += 1
-    LOG.warning("exports %s parked: destination %s is not configured", ids, name)
+    summary["parked"] += len(rows)
+    session.commit()
+    LOG.warning(
+        "%d export(s) parked: destination %s is not configured",
+        len(rows),
+        name,
+        extra={"event": "export_parked", "destination": name, "rows": len(rows)},
+    )
 
 
 def retry(
@@ -292,15 +438,13 @@ def retry(
     if not conditions:
         return []
     rows = session.scalars(
-        select(Export)
-        .where(or_(*conditions), Export.status != ExportStatus.SENT)
-        .order_by(Export.id)
+        select(Export).where(or_(*conditions), Export.status.in_(RETRYABLE)).order_by(Export.id)
     ).all()
     for row in rows:
         row.status = ExportStatus.PENDING
         row.attempts = 0
         row.next_attempt_at = now
-    session.commit()
+    _queue_now(session, rows)
     return list(rows)
 
 
@@ -320,8 +464,16 @@ def resend(
         row.next_attempt_at = now
         row.sent_at = None
         row.last_error = None
-    session.commit()
+    _queue_now(session, rows)
     return list(rows)
+
+
+def _queue_now(session: Session, rows: Sequence[Export]) -> None:
+    """Deliveries due now for the rows' destinations (a person is waiting); commit."""
+    session.flush()
+    for name in sorted({row.destination for row in rows}):
+        engine.ensure_delivery(session, name)
+    session.commit()
 
 
 def list_exports(session: Session, status: str | None = None) -> list[Export]:

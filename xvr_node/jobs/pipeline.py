@@ -44,7 +44,7 @@ from xvr_node.dicom.sro import build_run_registration, build_spatial_registratio
 from xvr_node.dicom.storage import FileStore
 from xvr_node.geometry import Intrinsics
 from xvr_node.jobs.assemble import latest_versions, run_assemble
-from xvr_node.jobs.export import deliver_configured, store_result_objects
+from xvr_node.jobs.export import store_result_objects
 from xvr_node.jobs.register import Registrars, StartPolicy, register_instance
 from xvr_node.jobs.retention import purge_originals
 from xvr_node.jobs.triggers import (
@@ -491,7 +491,7 @@ class Pipeline:
     # --- export --------------------------------------------------------------------------
 
     def export(self, context: JobContext) -> dict[str, Any]:
-        """Build the results, queue them for every PACS, send.
+        """Build the results and queue them for every PACS (``deliver`` jobs send them).
 
         A whole image gets SRO, SR and SC of its pose; a cine run gets one SRO, one SR and one
         multi-frame SC for all its frames (issue 14 item 11: not three objects per frame).
@@ -532,16 +532,12 @@ class Pipeline:
             exports += store_result_objects(
                 session, self.store, objects, self.settings.destinations, batch[0].id
             )
-        delivery = deliver_configured(session, self.store, self.settings, context.now())
         return {
             "registrations": len(rows),
             "objects": built,
             "kinds": sorted({row.object_kind for row in exports}),
             "withheld_from_sro": withheld,
             "queued": len(exports),
-            "sent": delivery["sent"],
-            "retrying": delivery["retrying"],
-            "parked": delivery["parked"],
         }
 
     def _ct_headers(self, volume: Volume) -> list[Dataset]:

@@ -39,7 +39,12 @@ from xvr_node.dicom.storage import FileStore
 
 LOG = logging.getLogger(__name__)
 
-UNDELIVERED = (ExportStatus.PENDING, ExportStatus.RETRYING, ExportStatus.PARKED)
+UNDELIVERED = (
+    ExportStatus.PENDING,
+    ExportStatus.SENDING,
+    ExportStatus.RETRYING,
+    ExportStatus.PARKED,
+)
 
 
 def _busy_instances(session: Session) -> set[int]:

@@ -27,7 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from xvr_node.catalog.models import Job, JobKind, JobStatus, utcnow
 from xvr_node.clock import Clock
 from xvr_node.config import Settings
-from xvr_node.jobs import engine
+from xvr_node.dicom.storage import FileStore
+from xvr_node.jobs import engine, export
 from xvr_node.jobs.engine import JobFailed, PermanentJobError
 
 __all__ = ["JobContext", "JobYielded", "PermanentJobError", "Worker", "start_workers"]
@@ -108,6 +109,12 @@ def run_ledger_job(context: procrastinate.JobContext, job_id: int) -> Any:
     return runner.execute(context, job_id)
 
 
+def run_delivery(context: procrastinate.JobContext, destination: str) -> Any:
+    """The body of the ``deliver`` task: send one destination's due outbox rows."""
+    runner: Worker = context.additional_context["runner"]
+    return runner.deliver(destination)
+
+
 class Worker:
     """Runs engine jobs (``concurrency`` at once) until :attr:`stopping` is set."""
 
@@ -136,6 +143,15 @@ class Worker:
         self.ran: list[int] = []  # ledger ids this worker ran (tests, benchmarks)
         self._stop_after_one = False
         self._engine: tuple[asyncio.AbstractEventLoop, asyncio.Task[None]] | None = None
+        self._store: FileStore | None = None
+
+    @property
+    def store(self) -> FileStore:
+        """The file store the outbox reads its result objects from."""
+        if self._store is None:
+            storage = self.settings.storage
+            self._store = FileStore(self.settings.storage_root, storage.min_free_bytes)
+        return self._store
 
     # --- time ----------------------------------------------------------------------------
 
@@ -232,6 +248,9 @@ class Worker:
         stalled = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=lease_s)
         recovered = []
         for engine_job in stalled:
+            if engine_job.task_name == engine.DELIVER_TASK:
+                await self._recover_delivery(app, engine_job)
+                continue
             job_id = int(engine_job.task_kwargs["job_id"])
             gave_up, database_now = await asyncio.to_thread(
                 self._record_stall, job_id, engine_job.id, lease_s
@@ -250,6 +269,27 @@ class Worker:
                 extra={"event": "job_reclaimed", "job": job_id, "worker": self.worker_id},
             )
         return recovered
+
+    async def _recover_delivery(
+        self, app: procrastinate.App, engine_job: procrastinate.jobs.Job
+    ) -> None:
+        """A deliverer that died: its rows wait in the outbox; queue the next delivery."""
+        destination = str(engine_job.task_kwargs["destination"])
+        await app.job_manager.finish_job_by_id_async(
+            engine_job.id, status=procrastinate.jobs.Status.FAILED, delete_job=False
+        )
+
+        def queue() -> None:
+            with self.sessions() as session:
+                engine.ensure_delivery(session, destination)
+                session.commit()
+
+        await asyncio.to_thread(queue)
+        LOG.warning(
+            "deliverer stopped answering; delivery to %s queued again",
+            destination,
+            extra={"event": "delivery_reclaimed", "destination": destination},
+        )
 
     def _record_stall(
         self, job_id: int, engine_job_id: int, lease_s: float
@@ -274,6 +314,28 @@ class Worker:
             return gave_up, database_now
 
     # --- one job -------------------------------------------------------------------------
+
+    def deliver(self, destination: str) -> dict[str, Any]:
+        """Send ``destination``'s due outbox rows (the ``deliver`` task)."""
+        began = time.perf_counter()
+        with self.sessions() as session:
+            summary = export.deliver(session, self.store, self.settings, destination, self.clock())
+        if not summary["busy"] and (summary["due"] or summary["confirmed"] or summary["parked"]):
+            counts = {
+                key: summary[key] for key in ("due", "confirmed", "sent", "retrying", "parked")
+            }
+            LOG.info(
+                "delivered to %s",
+                destination,
+                extra={
+                    "event": "delivery_done",
+                    "destination": destination,
+                    "worker": self.worker_id,
+                    **counts,
+                    "s": round(time.perf_counter() - began, 3),
+                },
+            )
+        return summary
 
     def execute(self, engine_context: procrastinate.JobContext, job_id: int) -> Any:
         """Run ledger job ``job_id`` if ``engine_context``'s job is still the one for it."""
