@@ -6,6 +6,7 @@
     .venv/bin/python bench/jobs.py queue [--jobs 400] [--workers 1,2,4]
     .venv/bin/python bench/jobs.py startup [--repeat 5]
     .venv/bin/python bench/jobs.py pickup [--jobs 40]
+    .venv/bin/python bench/jobs.py deliver [--jobs 240] [--repeat 3]
 
 ``latency``: a node (embedded PostgreSQL, in-process worker, defaults but for 192-pixel
 scales) holds an assembled phantom CT; each X-ray is sent by C-STORE on its own association,
@@ -21,6 +22,10 @@ from the job and registration rows. ``--phantom`` sends the X-rays of a phantom 
 ``pickup``: an idle ``xvr-node worker`` process with the default settings; one no-op job at
 a time is committed (as the receiver commits a register job with its X-ray), and the time
 from that commit to the job's start is read from the job row (one clock, one machine).
+
+``deliver``: N result-sized objects (512 x 512 Secondary Captures, 256 KiB) stored in the
+outbox for a real Orthanc on loopback; objects/s of one delivery run (one sender, answers
+committed one by one), ``--repeat`` times, each into a fresh Orthanc.
 
 ``queue``: N no-op jobs, drained by 1, 2 and 4 ``xvr-node worker`` processes sharing a
 throw-away PostgreSQL; jobs/s from the first claim to the last completion.
@@ -361,9 +366,49 @@ def startup(args: argparse.Namespace) -> dict:
     }
 
 
+def deliver_rate(args: argparse.Namespace) -> dict:
+    """Objects/s of one delivery run to Orthanc on loopback (the node's embedded catalog)."""
+    from tests.support.orthanc import running_orthanc
+    from tests.support.outbox import noise_captures
+    from xvr_node.config import Destination
+    from xvr_node.dicom.storage import FileStore
+    from xvr_node.jobs.export import deliver, store_result_objects
+
+    runs = []
+    for run in range(args.repeat):
+        root = Path(tempfile.mkdtemp(prefix="xvr-bench-deliver-", dir="/tmp"))
+        # The embedded default as a node runs it (fsync on): every answer is one commit.
+        with catalog_server(None, root / "store") as url, running_orthanc(root / "pacs") as pacs:
+            upgrade(url)
+            destination = Destination(
+                name="pacs", ae_title=pacs.aet, host="127.0.0.1", port=pacs.dicom_port
+            )
+            settings = load_settings(
+                None,
+                environ={
+                    "XVR_NODE__STORAGE__ROOT": str(root / "store"),
+                    "XVR_NODE__DESTINATIONS": json.dumps([destination.model_dump(mode="json")]),
+                },
+            )
+            engine = make_engine(url)
+            store = FileStore(root / "store")
+            with session_factory(engine)() as session:
+                objects = noise_captures(args.jobs, seed=run)
+                store_result_objects(session, store, objects, [destination])
+                began = time.perf_counter()
+                summary = deliver(session, store, settings, "pacs", datetime.now(UTC))
+                seconds = time.perf_counter() - began
+            engine.dispose()
+            assert summary["sent"] == args.jobs, summary
+            assert int(pacs.rest("/statistics")["CountInstances"]) == args.jobs
+        runs.append(round(args.jobs / seconds, 1))
+        print(f"run {run + 1}: {args.jobs} objects in {seconds:.2f} s", flush=True)
+    return {"objects": args.jobs, "objects_per_s": runs, "median": float(np.median(runs))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["latency", "queue", "startup", "pickup"])
+    parser.add_argument("what", choices=["latency", "queue", "startup", "pickup", "deliver"])
     parser.add_argument("--xrays", type=int, default=8)
     parser.add_argument("--phantom", type=Path, help="send this phantom's CT and X-rays")
     parser.add_argument("--size", type=int, default=192, help="pixels of the built phantom")
@@ -380,6 +425,7 @@ def main() -> None:
         "queue": queue_throughput,
         "startup": startup,
         "pickup": pickup,
+        "deliver": deliver_rate,
     }[args.what]
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from sqlalchemy import func, select
 
 from tests.support.node import running_node
 from tests.support.orthanc import running_orthanc
+from tests.support.outbox import noise_captures
 from xvr_node.catalog.db import make_engine, session_factory
 from xvr_node.catalog.models import Export
 from xvr_node.config import Destination
@@ -30,23 +28,6 @@ pytestmark = pytest.mark.slow  # two node start-ups and Orthanc
 OBJECTS = 240
 
 
-def secondary_capture(study: str, series: str, number: int, rng: np.random.Generator) -> Dataset:
-    """A 512 x 512 Secondary Capture of noise (256 KiB): big enough that sending takes time."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.PatientID, ds.PatientName, ds.Modality = "KILL9", "Test^Kill", "OT"
-    ds.InstanceNumber, ds.ConversionType = number, "WSD"
-    ds.Rows = ds.Columns = 512
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = rng.integers(0, 256, (512, 512), dtype=np.uint8).tobytes()
-    return ds
-
-
 def wait_until(condition, what: str, timeout_s: float, node) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -56,9 +37,7 @@ def wait_until(condition, what: str, timeout_s: float, node) -> None:
 
 
 def test_kill_9_during_delivery_loses_nothing_and_sends_nothing_twice(tmp_path):
-    rng = np.random.default_rng(9)
-    study, series = generate_uid(), generate_uid()
-    objects = [("sc", secondary_capture(study, series, n, rng)) for n in range(1, OBJECTS + 1)]
+    objects = noise_captures(OBJECTS)  # 256 KiB each: sending them takes a few seconds
     expected = {str(ds.SOPInstanceUID) for _, ds in objects}
     with running_orthanc(tmp_path / "orthanc") as orthanc:
         pacs = Destination(
