@@ -1,4 +1,5 @@
-"""C-STORE SCU: send stored DICOM files to one destination and say, per file, what happened."""
+"""C-STORE SCU: send stored DICOM files to one destination and say, per file, what happened;
+C-FIND SCU: ask it which of them it already holds (after an interrupted send)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
@@ -216,7 +218,9 @@ def find_stored(
     sent a second time.
     """
     ae = _client_ae(calling_ae, timeout_s)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(
+        StudyRootQueryRetrieveInformationModelFind, [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
+    )
     assoc, failure = _associate(ae, destination, tls_context)
     if failure is not None:
         LOG.info("cannot ask %s what it holds: %s", _where(destination), failure[1])
