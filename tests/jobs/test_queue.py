@@ -172,31 +172,39 @@ def test_a_yielded_job_resumes_without_using_up_an_attempt(settings, sessions):
         assert (job.status, job.attempts) == ("succeeded", 1)
 
 
-def test_a_job_of_a_silent_worker_runs_again_and_its_old_run_is_a_no_op(settings, sessions):
-    with sessions() as session:
-        job_id = add(session, JobKind.NOOP, max_attempts=2)
-        # A worker took it, then went silent (its last heartbeat long ago).
-        worker_row = session.execute(
-            text(
-                "INSERT INTO procrastinate_workers (last_heartbeat) "
-                "VALUES (now() - interval '1 hour') RETURNING id"
-            )
-        ).scalar_one()
-        session.execute(
-            text("UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w"),
-            {"w": worker_row},
+def taken_by_a_silent_worker(session) -> None:
+    """Every engine job was taken by a worker that then went silent (heartbeat long ago)."""
+    worker_row = session.execute(
+        text(
+            "INSERT INTO procrastinate_workers (last_heartbeat) "
+            "VALUES (now() - interval '1 hour') RETURNING id"
         )
-        job = session.get(Job, job_id)
-        job.status, job.attempts, job.worker = JobStatus.RUNNING, 1, "silent"
-        session.commit()
-    alive = worker(settings, sessions, {})
+    ).scalar_one()
+    session.execute(
+        text("UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w"), {"w": worker_row}
+    )
+
+
+def recover_stalled(alive: Worker) -> list[int]:
+    """One stalled-job pass of a live worker, as its loop runs it every heartbeat."""
 
     async def recover():
         app = engine.make_app(alive._url())
         async with app.open_async():
             return await alive.recover_stalled(app)
 
-    assert asyncio.run(recover()) == [job_id]
+    return asyncio.run(recover())
+
+
+def test_a_job_of_a_silent_worker_runs_again_and_its_old_run_is_a_no_op(settings, sessions):
+    with sessions() as session:
+        job_id = add(session, JobKind.NOOP, max_attempts=2)
+        taken_by_a_silent_worker(session)
+        job = session.get(Job, job_id)
+        job.status, job.attempts, job.worker = JobStatus.RUNNING, 1, "silent"
+        session.commit()
+    alive = worker(settings, sessions, {})
+    assert recover_stalled(alive) == [job_id]
     with sessions() as session:
         job = session.get(Job, job_id)
         assert job.status == JobStatus.QUEUED
@@ -210,25 +218,10 @@ def test_a_silent_deliverer_is_closed_and_its_destination_queued_again(settings,
     with sessions() as session:
         engine.ensure_delivery(session, "pacs")
         engine.ensure_delivery(session, "pacs")  # one waiting delivery per destination
-        worker_row = session.execute(
-            text(
-                "INSERT INTO procrastinate_workers (last_heartbeat) "
-                "VALUES (now() - interval '1 hour') RETURNING id"
-            )
-        ).scalar_one()
-        session.execute(
-            text("UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w"),
-            {"w": worker_row},
-        )
+        taken_by_a_silent_worker(session)
         session.commit()
     alive = worker(settings, sessions, {})
-
-    async def recover():
-        app = engine.make_app(alive._url())
-        async with app.open_async():
-            return await alive.recover_stalled(app)
-
-    assert asyncio.run(recover()) == []  # no ledger job: the outbox rows are the ledger
+    assert recover_stalled(alive) == []  # no ledger job: the outbox rows are the ledger
     with sessions() as session:
         rows = session.execute(
             text(
