@@ -295,9 +295,13 @@ class _Sender:
         ).all()
         if not rows:
             return
-        objects = {row.id: _stored_object(self.store, row) for row in rows}
-        known = [item for item in objects.values() if item is not None]
+        known = [item for item in map(self._stored_object, rows) if item is not None]
         held = scu.find_stored(self.destination, known, self.calling_ae, self.timeout_s, self.tls)
+        unknown = (
+            "not at the destination"
+            if held is not None
+            else "the destination could not say (no C-FIND answer): it may get a second copy"
+        )
         for row in rows:
             if held is not None and row.sop_instance_uid in held:
                 row.status, row.sent_at = ExportStatus.SENT, self.now
@@ -305,12 +309,7 @@ class _Sender:
                 self.summary["confirmed"] += 1
             else:
                 row.status, row.next_attempt_at = ExportStatus.PENDING, self.now
-                row.last_error = "interrupted during a send; " + (
-                    "not at the destination"
-                    if held is not None
-                    else "the destination "
-                    "could not say whether it has it (no C-FIND): it may get a second copy"
-                )
+                row.last_error = f"interrupted during a send; {unknown}"
         self.session.commit()
         LOG.warning(
             "interrupted send to %s: %d of %d object(s) had arrived",
@@ -325,6 +324,21 @@ class _Sender:
                 "queried": held is not None,
             },
         )
+
+    def _stored_object(self, row: Export) -> scu.StoredObject | None:
+        """The UIDs a C-FIND needs, from the stored file's header; None if it cannot be read."""
+        try:
+            ds = pydicom.dcmread(
+                self.store.absolute(row.path),
+                stop_before_pixels=True,
+                specific_tags=["StudyInstanceUID", "SeriesInstanceUID"],
+            )
+            return scu.StoredObject(
+                str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), row.sop_instance_uid
+            )
+        except (OSError, InvalidDicomError, AttributeError) as error:
+            LOG.warning("cannot read export %s (%s): %s", row.id, row.path, error)
+            return None
 
     def send(self, rows: list[Export]) -> None:
         """One association for ``rows``: each is ``sending`` (committed) until answered."""
@@ -381,22 +395,6 @@ class _Sender:
                 "reason": outcome.reason,
             },
         )
-
-
-def _stored_object(store: FileStore, row: Export) -> scu.StoredObject | None:
-    """The UIDs a C-FIND needs, from the stored file's header; None if it cannot be read."""
-    try:
-        ds = pydicom.dcmread(
-            store.absolute(row.path),
-            stop_before_pixels=True,
-            specific_tags=["StudyInstanceUID", "SeriesInstanceUID"],
-        )
-        return scu.StoredObject(
-            str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), row.sop_instance_uid
-        )
-    except (OSError, InvalidDicomError, AttributeError) as error:
-        LOG.warning("cannot read export %s (%s): %s", row.id, row.path, error)
-        return None
 
 
 def _park_unconfigured(session: Session, name: str, now: datetime, summary: dict[str, Any]) -> None:
