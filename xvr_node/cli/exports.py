@@ -9,9 +9,6 @@ import click
 
 from xvr_node.cli.root import CliState, cli, open_catalog
 
-#: What ``export deliver`` reports, per destination and in total.
-COUNTS = ("due", "confirmed", "sent", "retrying", "parked")
-
 
 @cli.group("export")
 def export_group() -> None:
@@ -90,18 +87,18 @@ def export_deliver(state: CliState) -> None:
     """
     from xvr_node.catalog.models import utcnow
     from xvr_node.dicom.storage import FileStore
-    from xvr_node.jobs.export import deliver_all
+    from xvr_node.jobs.export import DELIVERY_COUNTS, deliver_all
     from xvr_node.log import configure_logging
 
     with open_catalog(state) as (settings, session):
         configure_logging(settings.logging)
         store = FileStore(settings.storage_root, settings.storage.min_free_bytes)
         summaries = deliver_all(session, store, settings, utcnow())
-    totals = {key: sum(s[key] for s in summaries) for key in COUNTS}
+    totals = {key: sum(s[key] for s in summaries) for key in DELIVERY_COUNTS}
     click.echo(", ".join(f"{key} {value}" for key, value in totals.items()))
     for summary in summaries:
         if summary["busy"]:
             click.echo(f"  {summary['destination']}: busy (a worker is sending to it now)")
         else:
-            counts = ", ".join(f"{key} {summary[key]}" for key in COUNTS)
+            counts = ", ".join(f"{key} {summary[key]}" for key in DELIVERY_COUNTS)
             click.echo(f"  {summary['destination']}: {counts}")

@@ -31,8 +31,9 @@ LOG = logging.getLogger(__name__)
 
 #: Rows a delivery sends: never ``sent`` (no duplicates) nor ``parked`` (needs a person).
 DUE_STATUSES = (ExportStatus.PENDING, ExportStatus.RETRYING)
-#: Rows still to deliver: a destination with any has a delivery queued or running.
-UNDELIVERED = (ExportStatus.PENDING, ExportStatus.SENDING, ExportStatus.RETRYING)
+#: Rows still to deliver (not ``parked``): a destination with any has a delivery queued or
+#: running.
+TO_DELIVER = (ExportStatus.PENDING, ExportStatus.SENDING, ExportStatus.RETRYING)
 
 #: Rows ``export retry`` sends back to the queue (not ``sent``: that is ``resend``; not
 #: ``sending``: a deliverer is on it, or the next one asks the destination first).
@@ -40,6 +41,9 @@ RETRYABLE = (ExportStatus.PENDING, ExportStatus.RETRYING, ExportStatus.PARKED)
 
 #: Files sent per association; keeps each lost association small.
 BATCH_SIZE = 64
+
+#: What a delivery run reports it did (``export deliver``, the ``delivery_done`` log line).
+DELIVERY_COUNTS = ("due", "confirmed", "sent", "retrying", "parked")
 
 #: A delivery that finds another one sending to its destination looks again this much later.
 BUSY_RETRY_S = 2.0
@@ -175,7 +179,7 @@ def deliver_all(
 ) -> list[dict[str, Any]]:
     """:func:`deliver` to every destination that has rows to deliver (``export deliver``)."""
     names = session.scalars(
-        select(Export.destination).where(Export.status.in_(UNDELIVERED)).distinct()
+        select(Export.destination).where(Export.status.in_(TO_DELIVER)).distinct()
     ).all()
     return [deliver(session, store, settings, name, now) for name in sorted(names)]
 
@@ -399,7 +403,7 @@ class _Sender:
 
 def _park_unconfigured(session: Session, name: str, now: datetime, summary: dict[str, Any]) -> None:
     rows = session.scalars(
-        select(Export).where(Export.destination == name, Export.status.in_(UNDELIVERED))
+        select(Export).where(Export.destination == name, Export.status.in_(TO_DELIVER))
     ).all()
     for row in rows:
         row.status = ExportStatus.PARKED

@@ -321,9 +321,7 @@ class Worker:
         with self.sessions() as session:
             summary = export.deliver(session, self.store, self.settings, destination, self.clock())
         if not summary["busy"] and (summary["due"] or summary["confirmed"] or summary["parked"]):
-            counts = {
-                key: summary[key] for key in ("due", "confirmed", "sent", "retrying", "parked")
-            }
+            counts = {key: summary[key] for key in export.DELIVERY_COUNTS}
             LOG.info(
                 "delivered to %s",
                 destination,
