@@ -211,7 +211,8 @@ def test_the_similarity_is_the_same_when_only_the_masked_rays_are_marched(small_
     render = registrar._renderer(frame.intrinsics, scale)
     values = []
     for subset in (None, rays):
-        level = _Level(scale, frame.intrinsics, render, fixed, mask, crop, subset)
+        target = registrar._target(fixed, mask, crop)
+        level = _Level(scale, frame.intrinsics, render, mask, crop, subset, target)
         angles, translation = pose_to_euler_zxy(
             registrar.frame.pose_from_matrix(matrix, frame.intrinsics)
         )

@@ -62,9 +62,11 @@ def multiscale_ncc(fixed: torch.Tensor, moving: torch.Tensor, patch_size: int = 
     return 0.5 * global_ncc(fixed, moving) + 0.5 * windowed_ncc(fixed, moving, patch_size)
 
 
-def sobel(image: torch.Tensor) -> torch.Tensor:
-    """x and y Sobel gradients (B, 2, H−2, W−2), without padding so borders add no edges."""
-    return F.conv2d(image, _SOBEL.to(image), padding=0)
+def sobel(image: torch.Tensor, kernel: torch.Tensor = _SOBEL) -> torch.Tensor:
+    """x and y Sobel gradients (B, 2, H−2, W−2), without padding so borders add no edges.
+
+    ``kernel``: :data:`_SOBEL`, already on the image's device (saves a copy per call)."""
+    return F.conv2d(image, kernel.to(image), padding=0)
 
 
 def gradient_ncc(fixed: torch.Tensor, moving: torch.Tensor, patch_size: int = 11) -> torch.Tensor:
@@ -109,57 +111,133 @@ def inside(mask: torch.Tensor, size: int) -> torch.Tensor:
     return F.avg_pool2d(mask, size, stride=1) > 0.999
 
 
-def _masked_moments(image: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    total = weight.sum(dim=(-1, -2, -3), keepdim=True).clamp(min=1.0)
+def _masked_standardize(
+    image: torch.Tensor, weight: torch.Tensor, total: torch.Tensor
+) -> torch.Tensor:
+    """Zero mean and unit variance over ``weight`` (whose per-image sums are ``total``), 0
+    outside it."""
+    total = total[:, None, None, None]
     mean = (image * weight).sum(dim=(-1, -2, -3), keepdim=True) / total
     var = ((image - mean).square() * weight).sum(dim=(-1, -2, -3), keepdim=True) / total
-    return mean, var
-
-
-def _masked_standardize(image: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    mean, var = _masked_moments(image, weight)
     # The tiny floor keeps the gradient finite when the mask leaves nothing (var = 0).
     return (image - mean) / ((var + 1e-12).sqrt() + 1e-8 * (1.0 + mean.abs())) * weight
 
 
-def _masked_global_ncc(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    total = weight.sum(dim=(-1, -2, -3)).clamp(min=1.0)
-    mean1 = (x1 * weight).sum(dim=(-1, -2, -3)) / total
-    mean2 = (x2 * weight).sum(dim=(-1, -2, -3)) / total
-    d1 = (x1 - mean1[:, None, None, None]) * weight
-    d2 = (x2 - mean2[:, None, None, None]) * weight
-    cov = (d1 * d2).sum(dim=(-1, -2, -3)) / total
-    var1 = d1.square().sum(dim=(-1, -2, -3)) / total
-    var2 = d2.square().sum(dim=(-1, -2, -3)) / total
-    return cov / torch.sqrt((var1 + EPS) * (var2 + EPS))
+def _centred(image: torch.Tensor, weight: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``image`` less its mean over ``weight``, and 0 outside it."""
+    mean = (image * weight).sum(dim=(-1, -2, -3)) / total
+    return (image - mean[:, None, None, None]) * weight
 
 
-def _masked_windowed_ncc(
-    x1: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor, patch_size: int
-) -> torch.Tensor:
-    """Mean NCC over the windows wholly inside ``mask`` (channels averaged): (B,)."""
-    size = min(patch_size, x1.shape[-1], x1.shape[-2])
-    ncc = local_ncc(x1, x2, size)
-    valid = inside(mask, size).to(ncc.dtype).expand_as(ncc)
-    return (ncc * valid).sum(dim=(1, 2, 3)) / valid.sum(dim=(1, 2, 3)).clamp(min=1.0)
+class _Windows:
+    """The fixed image's statistics over every ``size``² window wholly inside a mask, so a
+    moving image's windowed NCC needs only its own half (see :func:`local_ncc`)."""
+
+    def __init__(self, fixed: torch.Tensor, mask: torch.Tensor, patch_size: int) -> None:
+        self.size = min(patch_size, fixed.shape[-1], fixed.shape[-2])
+        self.mean = F.avg_pool2d(fixed, self.size, stride=1)
+        self.var = (F.avg_pool2d(fixed * fixed, self.size, stride=1) - self.mean * self.mean).clamp(
+            min=0.0
+        )
+        self.fixed = fixed
+        valid = inside(mask, self.size).to(fixed.dtype)
+        self.valid = valid.expand(-1, fixed.shape[1], -1, -1)
+        self.count = self.valid.sum(dim=(1, 2, 3)).clamp(min=1.0)
+
+    def ncc(self, moving: torch.Tensor) -> torch.Tensor:
+        """Mean NCC with ``moving`` over the valid windows (channels averaged): (B,)."""
+        size = self.size
+        mean = F.avg_pool2d(moving, size, stride=1)
+        var = (F.avg_pool2d(moving * moving, size, stride=1) - mean * mean).clamp(min=0.0)
+        cov = F.avg_pool2d(self.fixed * moving, size, stride=1) - self.mean * mean
+        ncc = cov / torch.sqrt((self.var + EPS) * (var + EPS))
+        return (ncc * self.valid).sum(dim=(1, 2, 3)) / self.count
 
 
-def smooth_background(image: torch.Tensor, weight: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Normalised-convolution Gaussian blur of ``image`` over ``weight`` (the open field)."""
+class MaskedTarget:
+    """An X-ray (the fixed image) and its mask, ready to be compared with many DRRs.
+
+    A refinement compares every new DRR with the same X-ray over the same mask, so the
+    X-ray's half of :func:`masked_similarity` (its background, standardisation, Sobel
+    gradients, window statistics, the valid windows) is computed once here and each
+    :meth:`score` computes the DRR's half alone: less work, and fewer small operations,
+    which are what a GPU waits on at these image sizes.
+    """
+
+    def __init__(
+        self,
+        fixed: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        method: str = "robust",
+        beta: float = 0.5,
+        patch_ncc: int = 9,
+        patch_grad: int = 11,
+    ) -> None:
+        if method not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, not {method!r}")
+        if fixed.dim() != 4 or fixed.shape[1] != 1:
+            raise ValueError(f"expected (B, 1, H, W) images, got {tuple(fixed.shape)}")
+        if mask is None:
+            mask = torch.ones_like(fixed[:1])
+        batch = max(fixed.shape[0], mask.shape[0])
+        self.shape = (batch, 1, *fixed.shape[-2:])
+        self.mask = mask.to(fixed.dtype).expand(self.shape)
+        fixed = fixed.expand(self.shape)
+        self.method, self.beta = method, beta
+        self.total = self.mask.sum(dim=(-1, -2, -3)).clamp(min=1.0)
+        if method == "robust":
+            # The smooth background: a Gaussian of 1/8 of the image, normalised over the mask.
+            self.kernel = _gaussian(max(1.0, min(fixed.shape[-2:]) / 8.0), fixed)
+            self.smooth_mask = _blur(self.mask, self.kernel).clamp(min=1e-3)
+            fixed = fixed - _blur(fixed * self.mask, self.kernel) / self.smooth_mask
+        fixed = _masked_standardize(fixed, self.mask, self.total)
+        self.centred = _centred(fixed, self.mask, self.total)
+        self.variance = self.centred.square().sum(dim=(-1, -2, -3)) / self.total
+        self.windows = _Windows(fixed, self.mask, patch_ncc)
+        if beta < 1.0:
+            # A Sobel gradient is valid where its 3x3 neighbourhood is inside the field.
+            gradient_mask = inside(self.mask, 3).to(fixed.dtype)
+            self.sobel = _SOBEL.to(fixed)
+            self.gradients = _Windows(sobel(fixed, self.sobel), gradient_mask, patch_grad)
+
+    def score(self, moving: torch.Tensor) -> torch.Tensor:
+        """Similarity of each moving image (B, 1, H, W) to the X-ray: (B,), higher is better."""
+        if moving.shape[-3:] != self.shape[-3:] or self.shape[0] not in (1, moving.shape[0]):
+            raise ValueError(
+                f"images differ in shape: {self.shape} (fixed) vs {tuple(moving.shape)}"
+            )
+        mask = self.mask
+        if self.method == "robust":
+            moving = moving - _blur(moving * mask, self.kernel) / self.smooth_mask
+        moving = _masked_standardize(moving, mask, self.total)
+        centred = _centred(moving, mask, self.total)
+        cov = (self.centred * centred).sum(dim=(-1, -2, -3)) / self.total
+        variance = centred.square().sum(dim=(-1, -2, -3)) / self.total
+        global_ncc = cov / torch.sqrt((self.variance + EPS) * (variance + EPS))
+        score = self.beta * (0.5 * global_ncc + 0.5 * self.windows.ncc(moving))
+        if self.beta < 1.0:
+            score = score + (1.0 - self.beta) * self.gradients.ncc(sobel(moving, self.sobel))
+        return score
+
+
+def _gaussian(sigma_px: float, like: torch.Tensor) -> torch.Tensor:
+    """A normalised 1-D Gaussian kernel reaching 3σ (at least one pixel) each side."""
     radius = max(1, int(3 * sigma_px))
-    x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    x = torch.arange(-radius, radius + 1, dtype=like.dtype, device=like.device)
     kernel = torch.exp(-0.5 * (x / sigma_px) ** 2)
-    kernel = kernel / kernel.sum()
+    return kernel / kernel.sum()
 
-    def blur(values: torch.Tensor) -> torch.Tensor:
-        values = F.conv2d(
-            F.pad(values, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1)
-        )
-        return F.conv2d(
-            F.pad(values, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1)
-        )
 
-    return blur(image * weight) / blur(weight).clamp(min=1e-3)
+def _blur(values: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """A separable blur by ``kernel`` along rows then columns, borders replicated."""
+    radius = (kernel.numel() - 1) // 2
+    values = F.conv2d(
+        F.pad(values, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1)
+    )
+    return F.conv2d(
+        F.pad(values, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1)
+    )
 
 
 def masked_similarity(
@@ -178,32 +256,15 @@ def masked_similarity(
     mask: global moments are weighted by it, and only patches wholly inside it count. With
     ``robust`` each image first loses its smooth background (a Gaussian of 1/8 of the image,
     normalised over the mask), which the X-ray has and the DRR lacks. Both are invariant to a
-    positive affine change of either image's intensities.
+    positive affine change of either image's intensities. To compare many images with one
+    X-ray, prepare it once: :class:`MaskedTarget`.
     """
-    if method not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, not {method!r}")
     if fixed.shape != moving.shape:
         raise ValueError(f"images differ in shape: {tuple(fixed.shape)} vs {tuple(moving.shape)}")
-    if mask is None:
-        mask = torch.ones_like(fixed[:1])
-    mask = mask.to(fixed.dtype).expand(fixed.shape[0], 1, *fixed.shape[-2:])
-    if method == "robust":
-        sigma = max(1.0, min(fixed.shape[-2:]) / 8.0)
-        fixed = fixed - smooth_background(fixed, mask, sigma)
-        moving = moving - smooth_background(moving, mask, sigma)
-    fixed = _masked_standardize(fixed, mask)
-    moving = _masked_standardize(moving, mask)
-    score = beta * (
-        0.5 * _masked_global_ncc(fixed, moving, mask)
-        + 0.5 * _masked_windowed_ncc(fixed, moving, mask, patch_ncc)
+    target = MaskedTarget(
+        fixed, mask, method=method, beta=beta, patch_ncc=patch_ncc, patch_grad=patch_grad
     )
-    if beta < 1.0:
-        # A Sobel gradient is valid where its 3x3 neighbourhood is inside the field.
-        gradient_mask = inside(mask, 3).to(fixed.dtype)
-        score = score + (1.0 - beta) * _masked_windowed_ncc(
-            sobel(fixed), sobel(moving), gradient_mask, patch_grad
-        )
-    return score
+    return target.score(moving)
 
 
 def geodesic_distance(

@@ -19,7 +19,7 @@ from scipy.spatial import ConvexHull
 
 from xvr_node.ct_volume import CtVolume
 from xvr_node.geometry import CarmPose, Intrinsics, pose_to_euler_zxy, project
-from xvr_node.xvr.losses import masked_similarity
+from xvr_node.xvr.losses import MaskedTarget
 from xvr_node.xvr.optimize import Pair, minimize
 from xvr_node.xvr.renderer import MU_WATER_PER_MM, STEP_VOXELS, Projector
 from xvr_node.xvr.xray import XrayFrame, line_integrals
@@ -221,7 +221,7 @@ class Registrar:
             moving = render(self._pose_tensor(matrix, frame.intrinsics), crop, _rays(mask, crop))
             if intensity is not None:
                 moving = self._apparent(moving, torch.tensor(intensity, device=self.device))
-            return float(self._similarity(fixed, moving, mask, crop).mean())
+            return float(self._target(fixed, mask, crop).score(moving).mean())
 
     def score_batch(
         self, frame: XrayFrame, matrices: Sequence[np.ndarray], scale: float
@@ -234,7 +234,7 @@ class Registrar:
         rays = _rays(mask, crop)
         with torch.no_grad():
             moving = render(self._pose_tensor(np.stack(matrices), frame.intrinsics), crop, rays)
-            scores = self._similarity(fixed, moving, mask, crop)
+            scores = self._target(fixed, mask, crop).score(moving)
         return scores.cpu().double().numpy()
 
     def short_refine(
@@ -261,6 +261,7 @@ class Registrar:
         crop = _box(mask, crop, self._patch_reach)
         rays = _rays(mask, crop)
         render = self._renderer(frame.intrinsics, scale)
+        target = self._target(fixed, mask, crop)
         optimizer = torch.optim.Adam(
             [
                 {"params": [rotation], "lr": s.lr_rotation},
@@ -272,7 +273,7 @@ class Registrar:
             optimizer.zero_grad()
             pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
             moving = render(pose, crop, rays)
-            self._similarity(fixed, moving, mask, crop).sum().backward()
+            target.score(moving).sum().backward()
             optimizer.step()
         with torch.no_grad():
             pose = convert(rotation, shift, parameterization="euler_angles", convention="ZXY")
@@ -332,7 +333,13 @@ class Registrar:
             render = self._renderer(frame.intrinsics, scale)
             scale_started = time.perf_counter()
             level = _Level(
-                float(scale), frame.intrinsics, render, fixed, mask, crop, _rays(mask, crop)
+                float(scale),
+                frame.intrinsics,
+                render,
+                mask,
+                crop,
+                _rays(mask, crop),
+                self._target(fixed, mask, crop),
             )
             parameters = (rotation, shift, intensity if fit_intensity else None)
             record_poses = poses if keep_poses else None
@@ -725,15 +732,12 @@ class Registrar:
         scatter = F.softplus(intensity[1])
         return -torch.log(torch.exp(-gain * drr) + scatter)
 
-    def _similarity(
-        self, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, crop
-    ) -> torch.Tensor:
-        """Similarity of ``moving``, rendered over ``crop`` only, to the X-ray there."""
+    def _target(self, fixed: torch.Tensor, mask: torch.Tensor, crop) -> MaskedTarget:
+        """The X-ray over ``crop`` (where DRRs are rendered), ready to score them."""
         top, bottom, left, right = crop
         s = self.settings
-        return masked_similarity(
-            fixed[..., top:bottom, left:right].expand_as(moving),
-            moving,
+        return MaskedTarget(
+            fixed[..., top:bottom, left:right],
             mask[..., top:bottom, left:right],
             method=s.similarity,
             beta=s.beta,
@@ -764,10 +768,10 @@ class _Level:
     scale: float
     intrinsics: Intrinsics
     render: Callable
-    fixed: torch.Tensor
     mask: torch.Tensor
     crop: tuple[int, int, int, int]
     rays: torch.Tensor | None  # the crop's pixels worth marching (see _rays)
+    target: MaskedTarget  # the X-ray over the crop
 
     def similarity(
         self, registrar: Registrar, pose: RigidTransform, intensity: torch.Tensor | None
@@ -776,7 +780,7 @@ class _Level:
         moving = self.render(pose, self.crop, self.rays)
         if intensity is not None:
             moving = registrar._apparent(moving, intensity)
-        return registrar._similarity(self.fixed, moving, self.mask, self.crop).mean()
+        return self.target.score(moving).mean()
 
 
 def _box(
