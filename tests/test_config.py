@@ -172,6 +172,12 @@ def test_bad_environment_value_names_the_variable():
 # --- errors --------------------------------------------------------------------------------
 
 
+def test_only_the_multiframe_mode_that_exists_is_accepted():
+    """max, mean and first were once listed and never built: a site asking for one is told."""
+    (problem,) = problems_of(None, {"XVR_NODE__REGISTRATION__MULTIFRAME": "mean"})
+    assert problem.startswith("registration.multiframe: ") and "track" in problem
+
+
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     problems = problems_of(write(tmp_path, "node:\n  portt: 11112\nstorag: {}\n"))
     assert "node.portt: unknown key (did you mean 'port'?)" in problems

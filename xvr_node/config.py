@@ -610,7 +610,8 @@ class RegistrationSettings(Section):
     linearize: bool = True
     subtract_background: bool = False
     equalize: bool = False
-    multiframe: Literal["track", "max", "mean", "first"] = "track"
+    # The one way multi-frame X-rays are registered so far; kept so configurations name it.
+    multiframe: Literal["track"] = "track"
     tracking_levels: NonNegativeInt = 1
     mask_labels: list[int] | None = None
 

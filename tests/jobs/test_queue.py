@@ -50,6 +50,12 @@ def add(session, kind, **options) -> int:
     return job.id
 
 
+def attempts(settings, limit: int):
+    """The settings with ``worker.max_attempts`` at ``limit``."""
+    limited = settings.worker.model_copy(update={"max_attempts": limit})
+    return settings.model_copy(update={"worker": limited})
+
+
 def worker(settings, sessions, handlers, now=NIGHT) -> Worker:
     every = {str(kind): handlers.get(str(kind), lambda context: {}) for kind in queue.PRIORITY}
     return Worker(settings, sessions, every, clock=lambda: now, device="cpu")
@@ -119,8 +125,9 @@ def test_an_urgent_request_lets_a_waiting_finetune_start_now(settings, sessions)
 
 def test_failures_back_off_then_fail_for_good_with_their_reason(settings, sessions):
     with sessions() as session:
-        job_id = add(session, JobKind.REGISTER, max_attempts=2)
+        job_id = add(session, JobKind.REGISTER)
     errors = iter(["PACS down", "PACS still down"])
+    settings = attempts(settings, 2)  # worker.max_attempts: the default is 3
 
     def flaky(context):
         raise RuntimeError(next(errors))
@@ -156,7 +163,8 @@ def test_a_permanent_error_fails_at_once(settings, sessions):
 
 def test_a_yielded_job_resumes_without_using_up_an_attempt(settings, sessions):
     with sessions() as session:
-        job_id = add(session, JobKind.FINETUNE, max_attempts=1)
+        job_id = add(session, JobKind.FINETUNE)
+    settings = attempts(settings, 1)
     seen = []
 
     def finetune(context):
@@ -198,10 +206,11 @@ def recover_stalled(alive: Worker) -> list[int]:
 
 def test_a_job_of_a_silent_worker_runs_again_and_its_old_run_is_a_no_op(settings, sessions):
     with sessions() as session:
-        job_id = add(session, JobKind.NOOP, max_attempts=2)
+        job_id = add(session, JobKind.NOOP)
         taken_by_a_silent_worker(session)
         job = session.get(Job, job_id)
         job.status, job.attempts, job.worker = JobStatus.RUNNING, 1, "silent"
+        job.max_attempts = 2  # the silent worker's worker.max_attempts, recorded as it took it
         session.commit()
     alive = worker(settings, sessions, {})
     assert recover_stalled(alive) == [job_id]

@@ -414,6 +414,7 @@ class Job(Base):
     # A finetune that may start outside the overnight window (an X-ray is waiting for it).
     urgent: Mapped[bool] = mapped_column(default=False, server_default=false())
     attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    # worker.max_attempts of the worker that last took the job (3 until one has).
     max_attempts: Mapped[int] = mapped_column(default=3, server_default="3")
     next_attempt_at: Mapped[datetime] = mapped_column(
         default=utcnow, server_default=func.now(), index=True

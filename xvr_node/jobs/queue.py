@@ -33,7 +33,6 @@ def enqueue(
     dedupe_key: str | None = None,
     priority: int | None = None,
     urgent: bool = False,
-    max_attempts: int = 3,
     not_before: datetime | None = None,
 ) -> Job:
     """Add a job and its engine job (flushed, not committed: both commit with the caller).
@@ -49,7 +48,6 @@ def enqueue(
         payload=dict(payload),
         priority=PRIORITY[kind] if priority is None else priority,
         urgent=urgent,
-        max_attempts=max_attempts,
         dedupe_key=dedupe_key,
     )
     if not_before is not None:

@@ -358,6 +358,9 @@ class Worker:
                 return None
             job.status, job.worker = JobStatus.RUNNING, self.worker_id
             job.attempts += 1
+            # The limit in force is this worker's (worker.max_attempts); the row keeps it so
+            # that a stall noticed by another worker, and `jobs list`, use the same.
+            job.max_attempts = self.settings.worker.max_attempts
             job.started_at, job.finished_at = now, None
             queued_s = (now - job.created_at).total_seconds()
             session.commit()
