@@ -61,6 +61,10 @@ def make_receiver(settings: Settings) -> tuple[Receiver, FileStore]:
     return receiver, store
 
 
+class ListenError(OSError):
+    """The DICOM port could not be opened: in use, a privileged port, no such address."""
+
+
 @dataclass
 class Node:
     """``xvr-node serve``: listener, scheduler and (by default) workers; stops cleanly.
@@ -119,12 +123,18 @@ class Node:
             )
 
         ae = build_ae(settings.node)
-        self.server = ae.start_server(
-            (settings.node.host, settings.node.port),
-            block=False,
-            evt_handlers=handlers(receiver, on_rejected),
-            ssl_context=tls_context(settings.node),
-        )
+        address = (settings.node.host, settings.node.port)
+        try:
+            self.server = ae.start_server(
+                address,
+                block=False,
+                evt_handlers=handlers(receiver, on_rejected),
+                ssl_context=tls_context(settings.node),
+            )
+        except OSError as error:
+            raise ListenError(
+                f"cannot listen on {address[0]}:{address[1]}: {error.strerror or error}"
+            ) from error
         # Periodic work never piles up: a run still going at the next tick makes it skip.
         self.scheduler = BackgroundScheduler(
             timezone=settings.scheduler.zone,

@@ -14,10 +14,12 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from tests.support.node import (
+    NodeProcess,
     acknowledged_files,
     dcmtk,
     dcmtk_env,
     echoscu,
+    free_port,
     running_node,
 )
 from tests.support.tools import require_tool
@@ -135,6 +137,30 @@ def test_tls_with_client_certificates(tmp_path):
         )
         assert rogue.returncode != 0
         assert node.process.poll() is None
+
+
+def test_a_port_in_use_is_named_and_the_second_node_leaves_nothing_running(tmp_path):
+    """Two nodes configured on one port (a copied config, a unit started twice): the second
+    says which address it could not take, exits 4 without a traceback, and stops the
+    catalog server it had started."""
+    with running_node(tmp_path / "first") as first:
+        root = tmp_path / "second"
+        root.mkdir()
+        env = {
+            **first.env,
+            "XVR_NODE__STORAGE__ROOT": str(root / "store"),
+            "XVR_NODE__MONITORING__PORT": str(free_port()),
+        }
+        second = NodeProcess(root, first.port, env)
+        second.cli("db", "upgrade")
+        result = second.cli("serve", check=False)
+        assert echoscu(first.port).returncode == 0  # the first node is untouched
+        assert list(first.store.rglob("postmaster.pid"))  # what a running catalog leaves
+    output = result.stdout + result.stderr
+    assert result.returncode == 4, output
+    assert f"serve: cannot listen on 127.0.0.1:{first.port}: Address already in use" in output
+    assert "Traceback" not in output
+    assert not list((root / "store").rglob("postmaster.pid"))
 
 
 def test_too_many_associations_are_rejected_and_recorded(tmp_path):

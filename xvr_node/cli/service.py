@@ -23,7 +23,7 @@ def serve_command(state: CliState, no_worker: bool) -> None:
     from xvr_node.catalog.db import SchemaOutdatedError
     from xvr_node.catalog.embedded import EmbeddedPostgresError
     from xvr_node.log import configure_logging
-    from xvr_node.node import Node
+    from xvr_node.node import ListenError, Node
 
     settings = state.settings()
     configure_logging(settings.logging)
@@ -32,11 +32,12 @@ def serve_command(state: CliState, no_worker: bool) -> None:
     except (SchemaOutdatedError, EmbeddedPostgresError) as error:
         click.echo(f"serve: {error}", err=True)
         sys.exit(3)
-    except OSError as error:
-        click.echo(
-            f"serve: cannot listen on {settings.node.host}:{settings.node.port}: {error}", err=True
-        )
+    except ListenError as error:
+        click.echo(f"serve: {error}", err=True)
         sys.exit(4)
+    except OSError as error:  # the storage root or its disk: permissions, space
+        click.echo(f"serve: {error}", err=True)
+        sys.exit(5)
 
 
 @cli.command("worker")
