@@ -65,7 +65,8 @@ def multiscale_ncc(fixed: torch.Tensor, moving: torch.Tensor, patch_size: int = 
 def sobel(image: torch.Tensor, kernel: torch.Tensor = _SOBEL) -> torch.Tensor:
     """x and y Sobel gradients (B, 2, H−2, W−2), without padding so borders add no edges.
 
-    ``kernel``: :data:`_SOBEL`, already on the image's device (saves a copy per call)."""
+    A caller that calls it often passes ``kernel`` already on the image's device and dtype,
+    which saves a copy per call."""
     return F.conv2d(image, kernel.to(image), padding=0)
 
 
@@ -160,8 +161,8 @@ class MaskedTarget:
     A refinement compares every new DRR with the same X-ray over the same mask, so the
     X-ray's half of :func:`masked_similarity` (its background, standardisation, Sobel
     gradients, window statistics, the valid windows) is computed once here and each
-    :meth:`score` computes the DRR's half alone: less work, and fewer small operations,
-    which are what a GPU waits on at these image sizes.
+    :meth:`score` computes the DRR's half alone: less work, and fewer small operations (on a
+    GPU, each one is a kernel launch).
     """
 
     def __init__(
