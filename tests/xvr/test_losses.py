@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from xvr_node.xvr.losses import EPS, MaskedTarget, masked_similarity
+from xvr_node.xvr.losses import EPS, MaskedTarget
 
 SOBEL_X = np.array([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
 
@@ -89,15 +89,10 @@ def test_the_similarity_is_the_written_out_formula(method, beta):
     expected = reference(
         fixed, moving, mask, robust=method == "robust", beta=beta, patch_ncc=5, patch_grad=7
     )
-    got = masked_similarity(
-        tensor(fixed),
-        tensor(moving),
-        tensor(mask),
-        method=method,
-        beta=beta,
-        patch_ncc=5,
-        patch_grad=7,
+    target = MaskedTarget(
+        tensor(fixed), tensor(mask), method=method, beta=beta, patch_ncc=5, patch_grad=7
     )
+    got = target.score(tensor(moving))
     assert got.shape == (1,)
     assert abs(float(got) - expected) < 2e-5, (float(got), expected)
     # Not a formula that any pair passes: the images agree only in part.
@@ -116,7 +111,7 @@ def test_a_prepared_xray_scores_a_batch_as_each_image_alone():
     target = MaskedTarget(tensor(fixed), torch.cat([tensor(m) for m in masks]))
     batch = target.score(torch.cat([tensor(m) for m in movings]))
     for index, (moving, own_mask) in enumerate(zip(movings, masks, strict=True)):
-        alone = masked_similarity(tensor(fixed), tensor(moving), tensor(own_mask))
+        alone = MaskedTarget(tensor(fixed), tensor(own_mask)).score(tensor(moving))
         assert abs(float(batch[index]) - float(alone)) < 1e-6
     assert len({round(float(value), 4) for value in batch}) == 3
 

@@ -101,7 +101,7 @@ def image_similarity(
 
 # --- masked similarity: only pixels that see the patient through the open field ------------
 
-#: Similarity methods :func:`masked_similarity` knows. ``mncc_gncc`` is XVR.md's reference;
+#: Similarity methods :class:`MaskedTarget` knows. ``mncc_gncc`` is XVR.md's reference;
 #: ``robust`` first removes each image's smooth background (scatter, table, heel effect,
 #: vignetting, a vendor's LUT curvature over the field), then scores the same three terms.
 SIMILARITIES = ("robust", "mncc_gncc")
@@ -156,13 +156,19 @@ class _Windows:
 
 
 class MaskedTarget:
-    """An X-ray (the fixed image) and its mask, ready to be compared with many DRRs.
+    """An X-ray (the fixed image) and its mask (1 inside, 0 outside), ready to be compared
+    with many DRRs: :meth:`score` gives their similarity counted inside the mask.
+
+    ``mncc_gncc`` is β·mNCC + (1 − β)·gradient-NCC (XVR.md), every term restricted to the
+    mask: global moments are weighted by it, and only patches wholly inside it count. With
+    ``robust`` each image first loses its smooth background (a Gaussian of 1/8 of the image,
+    normalised over the mask), which the X-ray has and the DRR lacks. Both are invariant to a
+    positive affine change of either image's intensities.
 
     A refinement compares every new DRR with the same X-ray over the same mask, so the
-    X-ray's half of :func:`masked_similarity` (its background, standardisation, Sobel
-    gradients, window statistics, the valid windows) is computed once here and each
-    :meth:`score` computes the DRR's half alone: less work, and fewer small operations (on a
-    GPU, each one is a kernel launch).
+    X-ray's half (its background, standardisation, Sobel gradients, window statistics, the
+    valid windows) is computed once here and each :meth:`score` computes the DRR's half
+    alone: less work, and fewer small operations (on a GPU, each one is a kernel launch).
     """
 
     def __init__(
@@ -239,33 +245,6 @@ def _blur(values: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv2d(
         F.pad(values, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1)
     )
-
-
-def masked_similarity(
-    fixed: torch.Tensor,
-    moving: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    method: str = "robust",
-    beta: float = 0.5,
-    patch_ncc: int = 9,
-    patch_grad: int = 11,
-) -> torch.Tensor:
-    """Similarity of (B, 1, H, W) images counted inside ``mask`` (1 inside, 0 outside): (B,).
-
-    ``mncc_gncc`` is β·mNCC + (1 − β)·gradient-NCC (XVR.md), every term restricted to the
-    mask: global moments are weighted by it, and only patches wholly inside it count. With
-    ``robust`` each image first loses its smooth background (a Gaussian of 1/8 of the image,
-    normalised over the mask), which the X-ray has and the DRR lacks. Both are invariant to a
-    positive affine change of either image's intensities. To compare many images with one
-    X-ray, prepare it once: :class:`MaskedTarget`.
-    """
-    if fixed.shape != moving.shape:
-        raise ValueError(f"images differ in shape: {tuple(fixed.shape)} vs {tuple(moving.shape)}")
-    target = MaskedTarget(
-        fixed, mask, method=method, beta=beta, patch_ncc=patch_ncc, patch_grad=patch_grad
-    )
-    return target.score(moving)
 
 
 def geodesic_distance(
