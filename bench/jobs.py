@@ -39,7 +39,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from datetime import UTC, datetime
@@ -49,6 +48,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE
+from scratch import scratch_folder  # bench/, beside this script
 from sqlalchemy import func, select
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def send(port: int, files: list[Path] | list[Dataset]) -> float:
 
 
 def latency(args: argparse.Namespace) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="xvr-bench-jobs-"))
+    work = scratch_folder("xvr-bench-jobs-")
     phantom = args.phantom or work / "phantom"
     if args.phantom is None:
         spec = PhantomSpec(
@@ -224,7 +224,7 @@ def queue_throughput(args: argparse.Namespace) -> dict:
                 env = {k: v for k, v in os.environ.items() if not k.startswith("XVR_NODE")}
                 env |= {
                     "XVR_NODE__DATABASE__URL": url,
-                    "XVR_NODE__STORAGE__ROOT": tempfile.mkdtemp(prefix="xvr-bench-queue-"),
+                    "XVR_NODE__STORAGE__ROOT": str(scratch_folder("xvr-bench-queue-")),
                     "XVR_NODE__WORKER__DEVICE": "cpu",
                     "XVR_NODE__SCHEDULER__POLL_INTERVAL_S": "0.05",
                 }
@@ -269,7 +269,7 @@ def pickup(args: argparse.Namespace) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("XVR_NODE")}
         env |= {
             "XVR_NODE__DATABASE__URL": url,
-            "XVR_NODE__STORAGE__ROOT": tempfile.mkdtemp(prefix="xvr-bench-pickup-"),
+            "XVR_NODE__STORAGE__ROOT": str(scratch_folder("xvr-bench-pickup-")),
             "XVR_NODE__WORKER__DEVICE": "cpu",
         }
         worker = subprocess.Popen(
@@ -312,7 +312,7 @@ def startup(args: argparse.Namespace) -> dict:
     """``serve`` on the embedded default: first initialisation, then start-ups and stops."""
     from xvr_node.catalog.embedded import EmbeddedCluster
 
-    work = Path(tempfile.mkdtemp(prefix="xvr-bench-startup-"))
+    work = scratch_folder("xvr-bench-startup-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("XVR_NODE")}
     env |= {
         "XVR_NODE__STORAGE__ROOT": str(work / "store"),
@@ -376,7 +376,7 @@ def deliver_rate(args: argparse.Namespace) -> dict:
 
     runs = []
     for run in range(args.repeat):
-        root = Path(tempfile.mkdtemp(prefix="xvr-bench-deliver-", dir="/tmp"))
+        root = scratch_folder("xvr-bench-deliver-", under="/tmp")
         # The embedded default as a node runs it (fsync on): every answer is one commit.
         with catalog_server(None, root / "store") as url, running_orthanc(root / "pacs") as pacs:
             upgrade(url)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
+from scratch import scratch_folder  # bench/, beside this script
 
 from xvr_node.dicom.volume import assemble_volume, read_series_files, write_volume_nifti
 from xvr_node.geometry import VolumeFrame, pose_to_euler_zxy, rigid
@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    phantom = Path(tempfile.mkdtemp(prefix="bench-registration-"))
+    phantom = scratch_folder("bench-registration-")
     build_phantom(
         phantom,
         PhantomSpec(

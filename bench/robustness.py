@@ -23,12 +23,12 @@ import argparse
 import json
 import multiprocessing
 import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from scratch import scratch_folder  # bench/, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -350,7 +350,7 @@ def main() -> None:
         if args.phantoms:
             folders = sorted(p for p in args.phantoms.iterdir() if (p / "truth.json").is_file())
         else:
-            work = Path(tempfile.mkdtemp(prefix="bench-robustness-"))
+            work = scratch_folder("bench-robustness-")
             first = args.first_seed
             specs = [(seed, args.frames, args.size) for seed in range(first, first + args.seeds)]
             if args.large_frames:

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from scratch import scratch_folder  # bench/, beside this script
 
 from xvr_node.config import ModelCheckSettings, RegistrationSettings, TrainingSettings
 from xvr_node.geometry import CarmPose
@@ -182,7 +182,7 @@ def main() -> None:
         print("throughput:", json.dumps(results["throughput"]), flush=True)
     results["budgets"] = []
     for minutes in args.minutes:
-        run = Path(tempfile.mkdtemp(prefix=f"bench-training-{minutes:g}min-"))
+        run = scratch_folder(f"bench-training-{minutes:g}min-")
         started = time.perf_counter()
         checkpoint = train([volume], settings, run, budget_s=60.0 * minutes, device=args.device)
         trained_s = time.perf_counter() - started
